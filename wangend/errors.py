@@ -1,0 +1,97 @@
+"""The daemon's error tree. Each class carries its JSON-RPC code.
+
+    WangenError                 base; code -32603 unless a subclass says otherwise
+    ├── InvalidParams           -32602  a field is wrong; `data` names it ({"field": "$.steps"})
+    ├── Unauthorized            -32001  TCP connection has not sent a valid `auth`
+    ├── UnknownJob              -32002  no job with that id
+    ├── WrongState              -32003  the job or queue cannot do that now
+    ├── ModelUnavailable        -32004  unknown model, or its files are missing/partial
+    ├── ShuttingDown            -32005  the daemon is stopping and takes no new work
+    ├── RequestTooLarge         -32006  a line over the size cap; the connection closes
+    └── InvalidInput            -32007  an input file is missing or unreadable
+    JobFailure                  raised inside a run; becomes the job's `error`, never an RPC error
+
+The transport translates these at one boundary (server/rpc.py). Messages are single
+human sentences and never carry tracebacks; anything else that escapes a method becomes a
+bare -32603 "Internal error" and is logged, not sent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from .protocol import ErrorCode
+
+
+class WangenError(Exception):
+    code: int = ErrorCode.INTERNAL_ERROR
+
+    def __init__(self, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.data = data
+
+
+class InvalidParams(WangenError):
+    code = ErrorCode.INVALID_PARAMS
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message, {"field": field, "message": message} if field else None)
+        self.field = field
+
+
+class Unauthorized(WangenError):
+    code = ErrorCode.UNAUTHORIZED
+
+
+class UnknownJob(WangenError):
+    code = ErrorCode.UNKNOWN_JOB
+
+    def __init__(self, job: int) -> None:
+        super().__init__(f"no job with id {job}", {"job": job})
+
+
+class WrongState(WangenError):
+    code = ErrorCode.WRONG_STATE
+
+
+class ModelUnavailable(WangenError):
+    code = ErrorCode.MODEL_UNAVAILABLE
+
+
+class ShuttingDown(WangenError):
+    code = ErrorCode.SHUTTING_DOWN
+
+
+class RequestTooLarge(WangenError):
+    code = ErrorCode.REQUEST_TOO_LARGE
+
+
+class InvalidInput(WangenError):
+    code = ErrorCode.INVALID_INPUT
+
+
+class JobFailure(Exception):
+    """A job could not finish. `kind` becomes JobError.type, the message JobError.message."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+def invalid_params_from(exc: msgspec.ValidationError, prefix: str = "$.params") -> InvalidParams:
+    """Turn msgspec's "Expected `int` >= 1 - at `$.steps`" into InvalidParams whose data
+    names the field as the client sent it (`$.params.steps`)."""
+    text = str(exc)
+    message, sep, where = text.rpartition(" - at `")
+    if not sep:
+        return InvalidParams(text, field=prefix)
+    path = where.rstrip("`")
+    field = prefix + path[1:] if path.startswith("$") else path
+    unknown = message.partition("unknown field `")[2].rstrip("`")
+    if unknown:  # name the offending key itself, not just the object holding it
+        field = f"{field}.{unknown}"
+    return InvalidParams(message, field=field)

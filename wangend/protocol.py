@@ -1,0 +1,376 @@
+"""Every type that crosses the wire, defined once.
+
+The daemon and `wangenctl` both import this module, so it holds no I/O and imports
+nothing heavy (no torch, no sockets). Each request's params decode straight into one of
+the Structs below with msgspec; a bad field is reported with its path (`$.steps`).
+
+Wire format: JSON-RPC 2.0, one compact JSON text per line (NDJSON). Events are
+notifications `{"jsonrpc": "2.0", "method": "event", "params": <Event>}`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from enum import IntEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+__all__ = [
+    "DEFAULT_PORT",
+    "EVENT_TYPES",
+    "JOB_STATES",
+    "TERMINAL_STATES",
+    "AbortParams",
+    "AuthParams",
+    "ClearResult",
+    "EnqueueResult",
+    "ErrorCode",
+    "Event",
+    "GenerateSpec",
+    "JobError",
+    "JobRecord",
+    "JobRef",
+    "JobSpec",
+    "JobState",
+    "JobsParams",
+    "JobsResult",
+    "ModelInfo",
+    "ModelsResult",
+    "MoveParams",
+    "MoveResult",
+    "OkResult",
+    "PauseParams",
+    "Progress",
+    "QueueCounts",
+    "QueueStateResult",
+    "ResolvedGenerate",
+    "ResolvedJob",
+    "RunningInfo",
+    "ShutdownParams",
+    "StatusParams",
+    "StatusResult",
+    "SubscribeParams",
+    "SubscribeResult",
+    "default_output_dir",
+    "default_socket_path",
+    "default_state_dir",
+    "default_token_file",
+]
+
+PROTOCOL_VERSION = 1
+DEFAULT_PORT = 7870
+MAX_LINE_BYTES = 1024 * 1024
+
+
+class ErrorCode(IntEnum):
+    """JSON-RPC error codes: the spec's own, then the project's from -32001 down."""
+
+    PARSE_ERROR = -32700
+    INVALID_REQUEST = -32600
+    METHOD_NOT_FOUND = -32601
+    INVALID_PARAMS = -32602
+    INTERNAL_ERROR = -32603
+    UNAUTHORIZED = -32001
+    UNKNOWN_JOB = -32002
+    WRONG_STATE = -32003
+    MODEL_UNAVAILABLE = -32004
+    SHUTTING_DOWN = -32005
+    REQUEST_TOO_LARGE = -32006
+    INVALID_INPUT = -32007
+
+
+# --- job states ---------------------------------------------------------------------
+
+JobState = Literal["queued", "running", "paused", "succeeded", "failed", "aborted"]
+JOB_STATES: tuple[str, ...] = ("queued", "running", "paused", "succeeded", "failed", "aborted")
+TERMINAL_STATES = frozenset({"succeeded", "failed", "aborted"})
+
+# Event types. `job.*` events carry the job id in `job`; the others carry None.
+EVENT_TYPES: tuple[str, ...] = (
+    "job.queued",
+    "job.started",
+    "job.progress",
+    "job.paused",
+    "job.resumed",
+    "job.succeeded",
+    "job.failed",
+    "job.aborted",
+    "job.moved",
+    "queue.paused",
+    "queue.resumed",
+    "queue.cleared",
+    "model.loading",
+    "model.loaded",
+    "subscription.dropped",
+    "daemon.stopping",
+)
+
+# --- job specs (what a client asks for) ----------------------------------------------
+
+Priority = Annotated[int, Meta(ge=-1000, le=1000)]
+Dimension = Annotated[int, Meta(ge=16, le=4096)]
+Seed = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+
+
+class GenerateSpec(
+    Struct, tag="generate", tag_field="kind", forbid_unknown_fields=True, kw_only=True
+):
+    """A Wan generation. Fields left out take the model's defaults at enqueue time.
+
+    `kind` may be omitted on the wire (it defaults to "generate").
+    """
+
+    prompt: Annotated[str, Meta(min_length=1, max_length=20_000)]
+    model: Annotated[str, Meta(min_length=1, max_length=1024)] | None = None
+    negative_prompt: Annotated[str, Meta(max_length=20_000)] | None = None
+    width: Dimension | None = None
+    height: Dimension | None = None
+    frames: Annotated[int, Meta(ge=1, le=1025)] | None = None
+    steps: Annotated[int, Meta(ge=1, le=500)] | None = None
+    guidance_scale: Annotated[float, Meta(ge=0.0, le=100.0)] | None = None
+    seed: Seed | None = None
+    fps: Annotated[int, Meta(ge=1, le=240)] | None = None
+    flow_shift: Annotated[float, Meta(gt=0.0, le=100.0)] | None = None
+    output_name: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
+    priority: Priority = 0
+
+
+# The tagged union of job kinds; more kinds (matting) join here.
+JobSpec = GenerateSpec
+
+
+class ResolvedGenerate(Struct, tag="generate", tag_field="kind", frozen=True, kw_only=True):
+    """A generation with every default filled in: what the worker runs and the output
+    records. Running the same ResolvedGenerate twice gives the same frames."""
+
+    model: str  # the name the user gave or the registry default
+    source: str  # what from_pretrained loads: a local folder or a hub id
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    frames: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    fps: int
+    flow_shift: float
+    output_name: str
+    dtype: str = "float32"
+
+
+ResolvedJob = ResolvedGenerate
+
+
+# --- job records ---------------------------------------------------------------------
+
+
+class Progress(Struct, kw_only=True):
+    step: int = 0
+    steps: int = 0
+    phase: str = "queued"  # queued | loading | denoising | decoding | saving | done
+    eta: float | None = None  # seconds left, when known
+
+
+class JobError(Struct, kw_only=True):
+    type: str  # a short machine-readable kind, e.g. "ModelUnavailable", "OutOfMemory"
+    message: str  # one human sentence; never a traceback
+
+
+class JobRecord(Struct, kw_only=True):
+    id: int
+    state: JobState
+    spec: ResolvedJob
+    priority: int = 0
+    attempts: int = 0
+    progress: Progress | None = None
+    outputs: list[str] = msgspec.field(default_factory=list)
+    error: JobError | None = None
+    retry_of: int | None = None
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    updated_at: float = 0.0
+
+
+# --- events --------------------------------------------------------------------------
+
+
+class Event(Struct, kw_only=True):
+    seq: int
+    ts: float
+    type: str
+    job: int | None = None
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+# --- method params and results ---------------------------------------------------------
+
+
+class Params(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base for params: unknown fields are errors, so typos never pass silently."""
+
+
+class AuthParams(Params):
+    token: Annotated[str, Meta(min_length=1, max_length=4096)]
+
+
+class StatusParams(Params):
+    job: int | None = None
+
+
+class PauseParams(Params):
+    mode: Literal["now", "after_current"] = "now"
+
+
+class AbortParams(Params):
+    job: int | None = None
+
+
+class SubscribeParams(Params):
+    since: Annotated[int, Meta(ge=0)] | None = None
+    jobs: list[int] | None = None
+
+
+class JobsParams(Params):
+    state: list[JobState] | None = None
+    limit: Annotated[int, Meta(ge=1, le=10_000)] = 100
+
+
+class JobRef(Params):
+    job: int
+
+
+class MoveParams(Params):
+    job: int
+    position: Annotated[int, Meta(ge=0)]
+
+
+class ShutdownParams(Params):
+    # "graceful": hold the running job at its next step and requeue it; "finish": let it end.
+    mode: Literal["graceful", "finish"] = "graceful"
+
+
+class OkResult(Struct, kw_only=True):
+    ok: bool = True
+
+
+class EnqueueResult(Struct, kw_only=True):
+    job: int
+    state: JobState
+    position: int  # 0 = next to run
+    spec: ResolvedJob
+
+
+class QueueStateResult(Struct, kw_only=True):
+    paused: bool
+    mode: str | None = None  # "now" | "after_current" while paused
+
+
+class QueueCounts(Struct, kw_only=True):
+    queued: int = 0
+    running: int = 0
+    paused: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    aborted: int = 0
+
+
+class RunningInfo(Struct, kw_only=True):
+    job: int
+    state: JobState
+    model: str
+    step: int = 0
+    steps: int = 0
+    phase: str = "starting"
+    eta: float | None = None
+
+
+class StatusResult(Struct, kw_only=True):
+    version: str
+    pid: int
+    uptime: float
+    device: str
+    paused: bool
+    pause_mode: str | None
+    model: str | None  # the warm model, if any
+    queue: QueueCounts
+    running: RunningInfo | None
+    last_seq: int
+
+
+class JobsResult(Struct, kw_only=True):
+    jobs: list[JobRecord]
+
+
+class ClearResult(Struct, kw_only=True):
+    cancelled: list[int]
+
+
+class MoveResult(Struct, kw_only=True):
+    job: int
+    position: int
+
+
+class SubscribeResult(Struct, kw_only=True):
+    last_seq: int  # the newest event the daemon has published
+    replayed: int  # how many buffered events follow this reply
+    complete: bool  # False when `since` is older than the ring buffer holds
+
+
+class ModelInfo(Struct, kw_only=True):
+    name: str
+    source: str
+    family: str
+    description: str = ""
+    available: bool = False  # on disk (or buildable offline)
+    loaded: bool = False
+    default: bool = False
+
+
+class ModelsResult(Struct, kw_only=True):
+    models: list[ModelInfo]
+
+
+# --- default locations ------------------------------------------------------------------
+# The daemon and the client must agree on these without talking, so they live here as
+# pure functions of the environment.
+
+
+def default_state_dir(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    if env.get("WANGEN_STATE_DIR"):
+        return Path(env["WANGEN_STATE_DIR"]).expanduser()
+    base = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME", "~")) / ".local" / "state")
+    return Path(base).expanduser() / "wangend"
+
+
+def default_output_dir(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    if env.get("WANGEN_OUTPUT_DIR"):
+        return Path(env["WANGEN_OUTPUT_DIR"]).expanduser()
+    base = env.get("XDG_VIDEOS_DIR") or str(Path(env.get("HOME", "~")) / "Videos")
+    return Path(base).expanduser() / "wangend"
+
+
+def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
+    """`$WANGEN_SOCKET`, else the state dir's `wangend.sock`.
+
+    The state dir rather than `$XDG_RUNTIME_DIR` so a daemon under systemd and a client
+    in a login shell agree whenever they agree on the state dir.
+    """
+    env = os.environ if env is None else env
+    if env.get("WANGEN_SOCKET"):
+        return Path(env["WANGEN_SOCKET"]).expanduser()
+    return default_state_dir(env) / "wangend.sock"
+
+
+def default_token_file(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    if env.get("WANGEN_TOKEN_FILE"):
+        return Path(env["WANGEN_TOKEN_FILE"]).expanduser()
+    return default_state_dir(env) / "token"
