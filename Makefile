@@ -1,0 +1,42 @@
+# Every target bootstraps .venv itself, so `make demo` and `make test` work on a fresh clone.
+#
+# torch: on a machine without an NVIDIA driver we pin the CPU-friendly torch==2.13.0;
+# with one, pip picks the CUDA build for this platform. Override with
+#   make TORCH_SPEC='torch==2.13.0' TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cpu'
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+HAS_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+TORCH_SPEC ?= $(if $(HAS_NVIDIA),torch>=2.4,torch==2.13.0)
+TORCH_PIP_ARGS ?=
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: demo test lint bench torture clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing into $(VENV) (torch: $(TORCH_SPEC))"
+	@$(PIP) $(TORCH_PIP_ARGS) '$(TORCH_SPEC)' 2>&1 | grep -v '^WARNING: Location' || true
+	@$(PY) -c 'import torch' || { echo "torch failed to install"; exit 1; }
+	@$(PIP) -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
+	@$(PY) -c 'import wangend, wangenctl, diffusers, av, jsonrpcserver' || { echo "install failed"; exit 1; }
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	@VENV=$(VENV) bash scripts/demo.sh
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check wangend wangenctl tests bench
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check wangend wangenctl tests bench
+	$(VENV)/bin/ruff format --check wangend wangenctl tests bench
+
+bench: $(STAMP)
+	$(PY) bench/control_plane.py
+	$(PY) bench/job_overhead.py
+
+clean:
+	rm -rf .demo .bench .pytest_cache .ruff_cache

@@ -1,0 +1,136 @@
+"""`wangend serve | token | config check | config show`.
+
+The entry point is the only place that installs signal handlers and calls `sys.exit`;
+everything below it raises. Exit codes: 0 clean stop, 1 runtime failure, 2 bad config or
+usage, 3 another daemon already owns the state dir.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+import typer
+
+from . import __version__
+from .config import ConfigError, ServerConfig, load_config
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="wangend: the Wan video generation daemon.",
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(no_args_is_help=True, help="Check or show the effective config.")
+app.add_typer(config_app, name="config")
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="TOML config file", envvar="WANGEN_CONFIG")
+]
+
+
+def _load(config: Path | None, **overrides: object) -> ServerConfig:
+    try:
+        return load_config(config, overrides)
+    except ConfigError as exc:
+        typer.echo(f"wangend: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def setup_logging(level: str) -> None:
+    """journald-friendly `<N>` level prefixes under systemd, plain lines otherwise."""
+    under_journal = bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
+    prefixes = {"DEBUG": "<7>", "INFO": "<6>", "WARNING": "<4>", "ERROR": "<3>", "CRITICAL": "<2>"}
+
+    class _Formatter(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            text = super().format(record)
+            return prefixes.get(record.levelname, "") + text if under_journal else text
+
+    fmt = "%(name)s: %(message)s"
+    if not under_journal:
+        fmt = "%(asctime)s %(levelname)s " + fmt
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(fmt))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Libraries that are chatty at INFO about things the daemon already reports.
+    for name in ("httpx", "huggingface_hub", "diffusers", "transformers"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option(help="TCP address to bind")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (0 = any free port)")] = None,
+    no_tcp: Annotated[bool, typer.Option("--no-tcp", help="Unix socket only")] = False,
+    socket: Annotated[str | None, typer.Option("--socket", help="Unix socket path")] = None,
+    state_dir: Annotated[str | None, typer.Option(help="Queue, token and model cache")] = None,
+    output_dir: Annotated[str | None, typer.Option(help="Where outputs are written")] = None,
+    model: Annotated[str | None, typer.Option(help="Default model for jobs naming none")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error")] = None,
+) -> None:
+    """Run the daemon in the foreground until SIGTERM/SIGINT or the `shutdown` call."""
+    cfg = _load(
+        config,
+        host=host,
+        port=port,
+        tcp=False if no_tcp else None,
+        socket=socket,
+        state_dir=state_dir,
+        output_dir=output_dir,
+        model=model,
+        device=device,
+        log_level=log_level,
+    )
+    setup_logging(cfg.log_level)
+    from .server.daemon import StartupError, run_daemon  # heavy imports only for serve
+
+    try:
+        code = run_daemon(cfg)
+    except StartupError as exc:
+        logging.getLogger("wangend").error("%s", exc)
+        raise typer.Exit(exc.exit_code) from None
+    raise typer.Exit(code)
+
+
+@app.command()
+def token(config: ConfigOpt = None) -> None:
+    """Print the path of the token file that TCP clients authenticate with."""
+    typer.echo(_load(config).token_path)
+
+
+@config_app.command("check")
+def config_check(config: ConfigOpt = None) -> None:
+    """Validate the config (file, env, defaults); exit 2 naming the bad key."""
+    cfg = _load(config)
+    typer.echo(f"config ok (state dir {cfg.state_dir})")
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None) -> None:
+    """Print the effective config as TOML-like key = value lines."""
+    cfg = _load(config)
+    for key, value in msgspec.structs.asdict(cfg).items():
+        typer.echo(f"{key} = {msgspec.json.encode(value).decode()}")
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

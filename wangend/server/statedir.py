@@ -1,0 +1,96 @@
+"""The state directory: one daemon per directory, the token file, permissions.
+
+Kept apart from daemon.py because these checks run before anything else is built and
+each has its own failure message and exit code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hmac
+import os
+import secrets
+import stat
+from pathlib import Path
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def prepare_state_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise StartupError(f"cannot create state dir {path}: {exc.strerror}", 2) from None
+    if not os.access(path, os.W_OK):
+        raise StartupError(f"state dir {path} is not writable", 2)
+
+
+class StateLock:
+    """An exclusive flock on `<state dir>/lock`, held for the daemon's life.
+
+    Two daemons sharing one queue database would run every job twice; the kernel drops
+    the lock when the process dies, kill -9 included, so a crash never leaves it stale.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise StartupError(
+                f"another wangend (pid {holder}) already uses {self.path.parent}; "
+                "stop it first or pick another --state-dir",
+                3,
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                os.close(self._fd)
+            self._fd = None
+
+
+def load_or_create_token(path: Path) -> str:
+    """Read the token, creating it (0600, 256 random bits) on first start.
+
+    Refuses a token file that group or others can read: anyone who can read it can drive
+    the daemon over TCP.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(32) + "\n")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise StartupError(
+            f"token file {path} is readable by others (mode {mode:o}); run `chmod 600 {path}`",
+            2,
+        )
+    token = path.read_text(encoding="utf-8").strip()
+    if not token:
+        raise StartupError(f"token file {path} is empty; delete it to get a new one", 2)
+    return token
+
+
+def tokens_match(expected: str, given: str) -> bool:
+    return hmac.compare_digest(expected.encode(), given.encode())
