@@ -1,0 +1,145 @@
+"""Specs resolve to complete, valid jobs; a wrong field is named in the error."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from wangend.errors import InvalidParams, ModelUnavailable
+from wangend.pipelines.inputs import (
+    DEFAULT_OUTPUT_NAME,
+    TaskInputManager,
+    check_output_name,
+    render_output_name,
+)
+from wangend.pipelines.registry import ModelRegistry
+from wangend.protocol import GenerateSpec
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> TaskInputManager:
+    return TaskInputManager(ModelRegistry(tmp_path / "models"), "tiny", "float32")
+
+
+def test_defaults_come_from_the_model(inputs: TaskInputManager) -> None:
+    job = inputs.resolve(GenerateSpec(prompt="a fox"))
+    assert (job.model, job.width, job.height, job.frames, job.steps, job.fps) == (
+        "tiny",
+        64,
+        64,
+        9,
+        4,
+        8,
+    )
+    assert (job.guidance_scale, job.flow_shift, job.dtype) == (5.0, 3.0, "float32")
+    assert job.output_name == DEFAULT_OUTPUT_NAME and job.source.endswith("tiny")
+    assert 0 <= job.seed < 2**32
+    # The seed is chosen once and recorded: the frozen job carries it.
+    assert msgspec.json.decode(msgspec.json.encode(job), type=type(job)) == job
+
+    big = inputs.resolve(GenerateSpec(prompt="a fox", model="wan2.1-t2v-14b"))
+    assert (big.width, big.height, big.frames, big.steps, big.flow_shift) == (
+        1280,
+        720,
+        81,
+        50,
+        5.0,
+    )
+    assert big.negative_prompt  # the model's default negative prompt
+
+
+def test_given_values_win(inputs: TaskInputManager) -> None:
+    spec = GenerateSpec(
+        prompt="p",
+        width=128,
+        height=32,
+        frames=13,
+        steps=2,
+        guidance_scale=1.0,
+        seed=5,
+        fps=24,
+        flow_shift=7.0,
+        negative_prompt="",
+        output_name="{prompt}-{seed}",
+    )
+    job = inputs.resolve(spec)
+    assert (job.width, job.height, job.frames, job.steps, job.seed, job.fps) == (
+        128,
+        32,
+        13,
+        2,
+        5,
+        24,
+    )
+    assert (job.guidance_scale, job.flow_shift, job.negative_prompt) == (1.0, 7.0, "")
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "hints"),
+    [
+        ({"width": 100}, "$.params.width", ("96", "112")),
+        ({"height": 24}, "$.params.height", ("16", "32")),
+        ({"width": 17}, "$.params.width", ("16", "32")),
+        ({"frames": 10}, "$.params.frames", ("9", "13")),
+        ({"frames": 2}, "$.params.frames", ("1", "5")),
+    ],
+)
+def test_bad_sizes_name_the_field_and_suggest(
+    inputs: TaskInputManager, change: dict, field: str, hints: tuple[str, ...]
+) -> None:
+    with pytest.raises(InvalidParams) as info:
+        inputs.resolve(GenerateSpec(prompt="p", **change))
+    assert info.value.field == field and info.value.data["field"] == field
+    assert all(h in info.value.message for h in hints)
+
+
+def test_unknown_model(inputs: TaskInputManager) -> None:
+    with pytest.raises(ModelUnavailable, match="unknown model 'nope'"):
+        inputs.resolve(GenerateSpec(prompt="p", model="nope"))
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "../up",
+        "a/b",
+        "/abs",
+        "a\\b",
+        "x\x01y",
+        "x\ny",
+        ".hidden",
+        "~home",
+        "{nope}",
+        "{seed.__class__}",
+        "{seed!r}",
+        "{seed:>10}",
+        "{",
+        "{0}",
+        "{}",
+    ],
+)
+def test_bad_output_names(inputs: TaskInputManager, template: str) -> None:
+    with pytest.raises(InvalidParams) as info:
+        inputs.resolve(GenerateSpec(prompt="p", output_name=template))
+    assert info.value.field == "$.params.output_name"
+
+
+def test_render_output_name(inputs: TaskInputManager) -> None:
+    template = "{job}_{model}_{seed}_{steps}x{frames}_{prompt}_{date}"
+    check_output_name(template)
+    job = inputs.resolve(
+        GenerateSpec(
+            prompt="Ein Fuchs / im Schnee: 日本語 ../../etc " * 3, seed=42, output_name=template
+        )
+    )
+    stem = render_output_name(job.output_name, job_id=7, job=job, now=datetime(2025, 1, 2, 3, 4, 5))
+    assert stem.startswith("7_tiny_42_4x9_Ein-Fuchs-im-Schnee-日本語")
+    assert stem.endswith("_20250102-030405")
+    assert "/" not in stem and ".." not in stem and " " not in stem
+    hub = msgspec.structs.replace(job, model="org/Some Model", output_name="{model}")
+    assert render_output_name(hub.output_name, job_id=1, job=hub) == "Some-Model"
+    long = msgspec.structs.replace(job, output_name="x" * 250)
+    assert len(render_output_name(long.output_name, job_id=1, job=long).encode()) <= 180
