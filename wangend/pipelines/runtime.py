@@ -18,6 +18,7 @@ Noise comes from a CPU `torch.Generator`, so a seed gives the same video on any 
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,9 @@ class GenerationRuntime:
         hooks.progress(job.steps, job.steps, "saving")
         ran = msgspec.structs.replace(job, dtype=self.production.job_dtype(job.dtype))
         metadata = build_metadata(job_id, ran, timings, device=self.device)
+        # H.264 encoders may give different bitstreams for identical frames, so the
+        # proof that two runs made the same video is the hash of the frames themselves.
+        metadata["frames_sha256"] = hashlib.sha256(frames.tobytes()).hexdigest()
         stem = render_output_name(job.output_name, job_id=job_id, job=job)
         return [str(write_video(frames, self.output_dir, stem, job.fps, metadata))]
 

@@ -1,0 +1,227 @@
+"""What the daemon adds on top of diffusers, measured in one run on one warm pipeline.
+
+* overhead: a tiny job (64x64, 9 frames, 4 steps) from `enqueue` to `job.succeeded`,
+  against the same pipeline call plus the same PyAV encode made directly on the daemon's
+  warm pipeline, in the same process; ratio of medians.
+* abort: from the `abort` reply to the `job.aborted` event, next to one transformer
+  block's time.
+* pause: from the `pause` reply to the `job.paused` event, next to one step's time.
+* events: 100 subscribers on one daemon each receive every event of a job, in order.
+
+Prints figures; asserts nothing. Run: `.venv/bin/python bench/job_overhead.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio.from_thread
+import torch
+
+from wangend.config import load_config
+from wangend.media.writers import write_video
+from wangend.pipelines.runtime import to_uint8
+from wangend.server.daemon import Daemon
+
+SPEC = {"prompt": "a red fox in the snow", "width": 64, "height": 64, "frames": 9, "steps": 4}
+
+
+class Line:
+    """A minimal NDJSON client: what any script would write."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.buf = b""
+        self.n = 0
+
+    def send(self, method: str, params: Any = None) -> int:
+        self.n += 1
+        msg = {"jsonrpc": "2.0", "id": self.n, "method": method}
+        if params is not None:
+            msg["params"] = params
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        return self.n
+
+    def read(self) -> dict:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return json.loads(line)
+
+    def call(self, method: str, params: Any = None) -> tuple[dict, list[dict]]:
+        rid = self.send(method, params)
+        events = []
+        while True:
+            msg = self.read()
+            if msg.get("id") == rid:
+                return msg, events
+            events.append(msg["params"])
+
+    def until(self, pred) -> tuple[dict, float]:
+        while True:
+            msg = self.read()
+            if msg.get("method") == "event" and pred(msg["params"]):
+                return msg["params"], time.perf_counter()
+
+
+def direct_run(daemon: Daemon, seed: int, out: Path) -> float:
+    pipe = daemon.production.pipeline
+    t0 = time.perf_counter()
+    frames = pipe(
+        prompt=SPEC["prompt"],
+        negative_prompt=daemon.registry.resolve("tiny").defaults.negative_prompt,
+        height=SPEC["height"],
+        width=SPEC["width"],
+        num_frames=SPEC["frames"],
+        num_inference_steps=SPEC["steps"],
+        guidance_scale=daemon.registry.resolve("tiny").defaults.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="np",
+    ).frames[0]
+    write_video(to_uint8(frames), out, f"direct-{seed}", 16, {"seed": seed})
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--subscribers", type=int, default=100)
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # the same thread budget for both sides
+
+    with tempfile.TemporaryDirectory() as tmp, anyio.from_thread.start_blocking_portal() as portal:
+        root = Path(tmp)
+        cfg = load_config(
+            None,
+            {
+                "state_dir": str(root / "s"),
+                "output_dir": str(root / "o"),
+                "tcp": False,
+                "socket": str(root / "d.sock"),
+            },
+            env={},
+        )
+        daemon = Daemon(cfg)
+        stop = threading.Event()
+        portal.start_task_soon(
+            lambda: daemon.serve(shutdown_trigger=lambda: anyio.to_thread.run_sync(stop.wait))
+        )
+        while not (root / "s" / "endpoint.json").exists():
+            time.sleep(0.05)
+        c = Line(cfg.socket)
+        c.call("subscribe", {})
+
+        def via_daemon(seed: int) -> float:
+            t0 = time.perf_counter()
+            reply, _ = c.call("enqueue", {**SPEC, "seed": seed})
+            job = reply["result"]["job"]
+            _, t1 = c.until(lambda e: e.get("job") == job and e["type"] == "job.succeeded")
+            return t1 - t0
+
+        via_daemon(0)  # warm: loads the model
+        direct_run(daemon, 0, root / "o")
+        daemon_times, direct_times = [], []
+        for i in range(args.runs):  # interleaved so drift hits both sides alike
+            daemon_times.append(via_daemon(100 + i))
+            direct_times.append(direct_run(daemon, 100 + i, root / "o"))
+        d, p = statistics.median(daemon_times), statistics.median(direct_times)
+        print(f"overhead: tiny job 64x64x9, 4 steps, {args.runs} runs each")
+        print(f"  through the daemon (enqueue -> job.succeeded): median {d * 1000:.1f} ms")
+        print(f"  direct pipeline call + encode:                median {p * 1000:.1f} ms")
+        print(f"  ratio: {d / p:.3f}")
+
+        # abort latency
+        blocks = len(daemon.production.pipeline.transformer.blocks)
+        abort_lat = []
+        for i in range(5):
+            reply, _ = c.call("enqueue", {**SPEC, "steps": 400, "seed": i})
+            job = reply["result"]["job"]
+            c.until(
+                lambda e, j=job: (
+                    e.get("job") == j
+                    and e["type"] == "job.progress"
+                    and e["data"].get("step", 0) >= 3
+                )
+            )
+            rid = c.send("abort", {"job": job})
+            while True:
+                msg = c.read()
+                if msg.get("id") == rid:
+                    t0 = time.perf_counter()
+                    break
+            _, t1 = c.until(lambda e, j=job: e.get("job") == j and e["type"] == "job.aborted")
+            abort_lat.append(t1 - t0)
+        step_s = (d * 0.7) / SPEC["steps"]
+        print(
+            f"abort: reply -> job.aborted median {statistics.median(abort_lat) * 1000:.2f} ms, "
+            f"max {max(abort_lat) * 1000:.2f} ms (one transformer block ~ "
+            f"{step_s / (2 * blocks) * 1000:.2f} ms, {blocks} blocks, CFG = 2 passes/step)"
+        )
+
+        # pause latency
+        pause_lat = []
+        for i in range(5):
+            reply, _ = c.call("enqueue", {**SPEC, "steps": 400, "seed": i})
+            job = reply["result"]["job"]
+            c.until(
+                lambda e, j=job: (
+                    e.get("job") == j
+                    and e["type"] == "job.progress"
+                    and e["data"].get("step", 0) >= 3
+                )
+            )
+            rid = c.send("pause", {"mode": "now"})
+            while True:
+                msg = c.read()
+                if msg.get("id") == rid:
+                    t0 = time.perf_counter()
+                    break
+            _, t1 = c.until(lambda e, j=job: e.get("job") == j and e["type"] == "job.paused")
+            pause_lat.append(t1 - t0)
+            c.call("abort", {"job": job})
+            c.call("resume")
+            c.until(lambda e, j=job: e.get("job") == j and e["type"] == "job.aborted")
+        print(
+            f"pause: reply -> job.paused median {statistics.median(pause_lat) * 1000:.2f} ms, "
+            f"max {max(pause_lat) * 1000:.2f} ms (one step ~ {step_s * 1000:.1f} ms)"
+        )
+
+        # fan-out: N subscribers, each must see every event of one job, in order
+        subs = [Line(cfg.socket) for _ in range(args.subscribers)]
+        for s in subs:
+            s.call("subscribe", {})
+        reply, _ = c.call("enqueue", {**SPEC, "seed": 5})
+        job = reply["result"]["job"]
+        c.until(lambda e: e.get("job") == job and e["type"] == "job.succeeded")
+        complete = 0
+        counts = set()
+        for s in subs:
+            seqs = []
+            while True:
+                e, _ = s.until(lambda e: e.get("job") == job)
+                seqs.append(e["seq"])
+                if e["type"] == "job.succeeded":
+                    break
+            complete += seqs == sorted(seqs)
+            counts.add(len(seqs))
+        print(
+            f"events: {complete}/{len(subs)} subscribers got every event of the job in order "
+            f"({sorted(counts)} events each)"
+        )
+        stop.set()
+
+
+if __name__ == "__main__":
+    main()
