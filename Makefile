@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing into $(VENV) (torch: $(TORCH_SPEC))"
 	@$(PIP) $(TORCH_PIP_ARGS) '$(TORCH_SPEC)' 2>&1 | grep -v '^WARNING: Location' || true
-	@$(PY) -c 'import torch' || { echo "torch failed to install"; exit 1; }
+	@$(PY) -W ignore -c 'import torch' || { echo "torch failed to install"; exit 1; }
 	@$(PIP) -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
 	@$(PY) -c 'import wangend, wangenctl, diffusers, av, jsonrpcserver' || { echo "install failed"; exit 1; }
 	@touch $(STAMP)

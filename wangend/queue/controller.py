@@ -1,25 +1,36 @@
 """QueueController: picks the next job, drives the worker, and is the only writer of job
 state.
 
-Every transition is committed in the store before its event is published. The worker
-runs on one thread (a CapacityLimiter of 1) and reaches the event loop only through
-`_WorkerHooks`, which forward its reports with `anyio.from_thread.run_sync`; the loop
-reaches the worker only through the job's `JobControl` latches.
+Three rules hold everywhere below:
+
+* Every transition is committed in the store before the event that announces it is
+  published, so a client never hears of a state the daemon could forget.
+* The loop never polls: it sleeps on an `anyio.Event` that every change able to make a
+  job runnable sets (enqueue, resume, move, a job ending).
+* The worker runs on one thread (a CapacityLimiter of 1) and reaches the loop only
+  through `_LoopHooks`, which forward its reports with `anyio.from_thread.run_sync`; the
+  loop reaches the worker only through the job's `JobControl` latches.
+
+Construction recovers what an unclean stop left behind (`store.recover`) and restores the
+pause latch from the store, so a daemon killed with -9 comes back with the same queue and
+a paused queue stays paused. There is no separate start step: a controller that exists
+is consistent with its store.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
+import anyio.abc
 import anyio.from_thread
 import anyio.to_thread
 import msgspec
 
-from ..errors import JobFailure, ShuttingDown, WrongState
-from ..pipelines.control import JobAborted, JobControl
+from ..errors import InvalidParams, JobFailure, ShuttingDown, WrongState
+from ..pipelines.control import JobAborted, JobControl, RunHooks
 from ..protocol import (
     ClearResult,
     EnqueueResult,
@@ -34,41 +45,51 @@ from ..protocol import (
     ResolvedJob,
     RunningInfo,
 )
-from .state import QueueStateTracker
-from .store import JobStore
+from .state import PAUSE_MODES, QueueStateTracker, RunningJob
+from .store import LIVE_STATES, JobStore
 
-__all__ = ["Publish", "QueueController", "Worker"]
+__all__ = ["PAUSE_META_KEY", "Inputs", "Publish", "QueueController", "Worker", "one_line"]
 
-log = logging.getLogger("wangend.queue")
+log = logging.getLogger(__name__)
 
 Publish = Callable[[str, int | None, dict[str, Any]], Event]
-LIVE = ("running", "paused")
+PAUSE_META_KEY = "pause_mode"
+STOP_MODES = ("graceful", "finish")
+MESSAGE_LIMIT = 300  # characters of an unexpected exception kept in a job's error
 
 
-class Worker:
-    """The protocol the GPU worker implements (pipelines.runtime.GenerationRuntime)."""
+class Worker(Protocol):
+    """What runs jobs (pipelines.runtime.GenerationRuntime); called on the worker thread."""
 
-    device: str
-    loaded_model: str | None
+    @property
+    def device(self) -> str: ...
 
-    def run(self, job_id: int, job: ResolvedJob, control: JobControl, hooks: Any) -> list[str]:
-        raise NotImplementedError
+    @property
+    def loaded_model(self) -> str | None: ...
 
-
-class Inputs:
-    """The protocol of pipelines.inputs.TaskInputManager."""
-
-    def resolve(self, spec: JobSpec) -> ResolvedJob:
-        raise NotImplementedError
+    def run(
+        self, job_id: int, job: ResolvedJob, control: JobControl, hooks: RunHooks
+    ) -> list[str]: ...
 
 
-def one_line(exc: BaseException, limit: int = 300) -> str:
-    text = (str(exc).strip().splitlines() or [""])[0]
-    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+class Inputs(Protocol):
+    """What resolves a request into a runnable job (pipelines.inputs.TaskInputManager)."""
+
+    def resolve(self, spec: JobSpec) -> ResolvedJob: ...
+
+
+def one_line(exc: BaseException, limit: int = MESSAGE_LIMIT) -> str:
+    """`ExceptionClass: first line of the message`, cut to `limit` characters: what a
+    user sees of a failure nobody foresaw (the traceback goes to the log)."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class QueueController:
+    """The queue's one writer: the RPC methods call it on the loop thread, `run()` feeds
+    the worker, and the worker's reports come back through `_LoopHooks`."""
+
     def __init__(
         self,
         store: JobStore,
@@ -84,18 +105,27 @@ class QueueController:
         self.inputs = inputs
         self.publish = publish
         self.max_attempts = max_attempts
-        self._limiter = limiter or anyio.CapacityLimiter(1)
+        # One GPU, one job: a limiter of 1 also keeps a second controller (or anything
+        # else given the same limiter) off the worker thread while a job runs.
+        self._limiter = limiter
         self._stopping = False
-        self._requeue_on_unwind = False
-        self._wake: anyio.Event | None = None
-        self._idle: anyio.Event | None = None
-        # Recover what an unclean stop left behind, before anything can be scheduled.
-        recovery = store.recover(max_attempts)
-        if recovery.requeued:
-            log.warning("requeued jobs interrupted by the last stop: %s", recovery.requeued)
-        if recovery.failed:
-            log.warning("failed jobs interrupted too often: %s", recovery.failed)
-        self.state = QueueStateTracker(store.get_meta("pause_mode"))
+        self._wake: anyio.Event | None = None  # made by the loop; None until it waits
+        self._job_done: anyio.Event | None = None  # set when the running job's outcome is in
+        self._recover()
+        pause_mode = store.get_meta(PAUSE_META_KEY)
+        if pause_mode not in PAUSE_MODES:
+            pause_mode = None
+        self.state = QueueStateTracker(pause_mode)
+
+    def _recover(self) -> None:
+        recovery = self.store.recover(self.max_attempts)
+        for job_id in recovery.requeued:
+            log.warning("job %d was interrupted by the last stop; it is queued again", job_id)
+            self._announce_queued(self.store.get(job_id), reason="recovered")
+        for job_id in recovery.failed:
+            record = self.store.get(job_id)
+            log.warning("job %d failed: %s", job_id, record.error.message if record.error else "")
+            self.publish("job.failed", job_id, {"error": msgspec.to_builtins(record.error)})
 
     # --- the scheduling loop ---------------------------------------------------------
 
@@ -103,21 +133,21 @@ class QueueController:
         if self._wake is not None:
             self._wake.set()
 
-    def _next_runnable(self) -> JobRecord | None:
-        if self._stopping or self.state.paused or self.state.running is not None:
-            return None
-        return self.store.next_queued()
-
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        self._idle = anyio.Event()
-        self._idle.set()
+        """Run queued jobs one after the other until `stop()` (or cancellation).
+
+        Sleeps on an Event while paused, while the queue is empty, or while stopping.
+        Returns on its own once stopped and idle.
+        """
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(1)
         task_status.started()
-        while True:
-            record = self._next_runnable()
+        while not self._stopping:
+            record = None if self.state.paused else self.store.next_queued()
             if record is None:
-                # No await between the check and the new Event: a kick cannot be lost.
+                # No await between the check and the new Event, so no kick is lost.
                 self._wake = anyio.Event()
                 await self._wake.wait()
                 continue
@@ -125,56 +155,75 @@ class QueueController:
 
     async def _run_one(self, queued: JobRecord) -> None:
         control = JobControl()
-        record = self.store.transition(
-            queued.id, "running", allowed_from=("queued",), attempts_delta=1, started=True
-        )
-        self.state.begin(record, control)
-        assert self._idle is not None
-        self._idle = anyio.Event()
+        record = self.store.transition(queued.id, "running", allowed_from=("queued",))
+        running = self.state.begin(record, control)
+        self._job_done = done_event = anyio.Event()
         self.publish(
             "job.started", record.id, {"attempt": record.attempts, "model": record.spec.model}
         )
         log.info("job %d started (attempt %d, %s)", record.id, record.attempts, record.spec.model)
-        hooks = _WorkerHooks(self, record.id)
         try:
+            # abandon_on_cancel=False: cancelling the loop waits for the worker to return,
+            # so an outcome is never lost and a second job never overlaps the first.
             outputs = await anyio.to_thread.run_sync(
-                self.worker.run, record.id, record.spec, control, hooks, limiter=self._limiter
+                self.worker.run,
+                record.id,
+                record.spec,
+                control,
+                _LoopHooks(self, record.id),
+                abandon_on_cancel=False,
+                limiter=self._limiter,
             )
         except JobAborted:
-            self._finish_aborted(record.id)
+            self._unwound(running)
         except JobFailure as exc:
-            self._finish_failed(record.id, JobError(type=exc.kind, message=exc.message))
+            self._failed(record.id, JobError(type=exc.kind, message=exc.message))
         except Exception as exc:
-            log.exception("job %d crashed", record.id)
-            self._finish_failed(record.id, JobError(type="InternalError", message=one_line(exc)))
+            log.exception("job %d failed with an unexpected error", record.id)
+            self._failed(record.id, JobError(type="InternalError", message=one_line(exc)))
         else:
             done = self.store.transition(
-                record.id, "succeeded", allowed_from=LIVE, outputs=outputs, finished=True
+                record.id, "succeeded", allowed_from=LIVE_STATES, outputs=outputs
             )
             self.publish("job.succeeded", done.id, {"outputs": done.outputs})
             log.info("job %d succeeded: %s", done.id, ", ".join(done.outputs))
         finally:
             self.state.end()
-            self._idle.set()
+            done_event.set()
 
-    def _finish_aborted(self, job_id: int) -> None:
-        if self._requeue_on_unwind:
-            # A graceful stop, not a user's abort: back to the queue, and this attempt
-            # does not count against max_attempts.
-            self.store.transition(job_id, "queued", allowed_from=LIVE, attempts_delta=-1)
-            log.info("job %d put back in the queue for the next start", job_id)
+    def _unwound(self, running: RunningJob) -> None:
+        """The worker raised JobAborted: a user's abort, or a graceful stop's requeue."""
+        if running.requeue_requested and not running.abort_requested:
+            # Back to its old place in the queue; the attempt it used still counts.
+            record = self.store.transition(running.id, "queued", allowed_from=LIVE_STATES)
+            self._announce_queued(record, reason="stopped")
+            log.info("job %d is queued again for the next start", running.id)
             return
-        error = JobError(type="Aborted", message="aborted by request")
-        self.store.transition(job_id, "aborted", allowed_from=LIVE, error=error, finished=True)
-        self.publish("job.aborted", job_id, {"error": msgspec.to_builtins(error)})
-        log.info("job %d aborted", job_id)
+        error = JobError(type="Aborted", message="aborted while running")
+        self.store.transition(running.id, "aborted", allowed_from=LIVE_STATES, error=error)
+        self.publish("job.aborted", running.id, {"error": msgspec.to_builtins(error)})
+        log.info("job %d aborted", running.id)
 
-    def _finish_failed(self, job_id: int, error: JobError) -> None:
-        self.store.transition(job_id, "failed", allowed_from=LIVE, error=error, finished=True)
+    def _failed(self, job_id: int, error: JobError) -> None:
+        self.store.transition(job_id, "failed", allowed_from=LIVE_STATES, error=error)
         self.publish("job.failed", job_id, {"error": msgspec.to_builtins(error)})
         log.warning("job %d failed: %s: %s", job_id, error.type, error.message)
 
-    # --- reports from the worker (on the loop thread) ------------------------------------
+    def _announce_queued(self, record: JobRecord, reason: str | None = None) -> int:
+        position = self.store.queue_order().index(record.id)
+        data: dict[str, Any] = {
+            "position": position,
+            "priority": record.priority,
+            "spec": msgspec.to_builtins(record.spec),
+        }
+        if record.retry_of is not None:
+            data["retry_of"] = record.retry_of
+        if reason is not None:  # queued again: "recovered" after a crash, "stopped"
+            data["requeued"] = reason
+        self.publish("job.queued", record.id, data)
+        return position
+
+    # --- reports from the worker (run on the loop thread) ------------------------------
 
     def _on_progress(self, job_id: int, step: int, steps: int, phase: str) -> None:
         progress = self.state.update(step, steps, phase)
@@ -182,8 +231,7 @@ class QueueController:
 
     def _on_paused(self, job_id: int, step: int, steps: int) -> None:
         self.store.transition(job_id, "paused", allowed_from=("running",))
-        if self.state.running is not None:
-            self.state.running.held = True
+        self.state.held()
         self.publish("job.paused", job_id, {"step": step, "steps": steps})
 
     def _on_resumed(self, job_id: int, step: int, steps: int) -> None:
@@ -191,9 +239,14 @@ class QueueController:
         self.state.resumed()
         self.publish("job.resumed", job_id, {"step": step, "steps": steps})
 
+    def _on_model(self, event: str, job_id: int, model: str, data: dict[str, Any]) -> None:
+        self.publish(event, None, {"model": model, "job": job_id, **data})
+
     # --- the control API (loop thread) -------------------------------------------------
 
     def enqueue(self, spec: JobSpec) -> EnqueueResult:
+        """Resolve, store as `queued`, announce. A bad spec raises (InvalidParams,
+        ModelUnavailable) before anything is stored."""
         if self._stopping:
             raise ShuttingDown("the daemon is shutting down and takes no new jobs")
         resolved = self.inputs.resolve(spec)
@@ -201,79 +254,106 @@ class QueueController:
 
     def _add(self, spec: ResolvedJob, priority: int, retry_of: int | None) -> EnqueueResult:
         record = self.store.insert(spec, priority, retry_of)
-        position = self.store.queue_order().index(record.id)
-        self.publish(
-            "job.queued", record.id, {"position": position, "spec": msgspec.to_builtins(spec)}
-        )
+        position = self._announce_queued(record)
         self._kick()
         return EnqueueResult(job=record.id, state="queued", position=position, spec=spec)
 
     def pause(self, mode: str = "now") -> QueueStateResult:
+        """Stop starting jobs. Mode "now" also holds the running job at its next step
+        boundary; "after_current" lets it finish (releasing a hold). Pausing a paused
+        queue only changes the mode."""
+        if mode not in PAUSE_MODES:
+            raise InvalidParams(
+                f"pause mode must be one of {', '.join(PAUSE_MODES)}", field="$.params.mode"
+            )
         running = self.state.running
         if running is not None:
             if mode == "now":
                 running.control.request_pause()
-            else:  # after_current: a held job may go on and finish
+            else:
                 running.control.release_pause()
         if self.state.pause_mode != mode:
+            self.store.set_meta(PAUSE_META_KEY, mode)
             self.state.pause_mode = mode
-            self.store.set_meta("pause_mode", mode)
             self.publish("queue.paused", None, {"mode": mode})
+            log.info("queue paused (%s)", mode)
         return QueueStateResult(paused=True, mode=mode)
 
     def resume(self) -> QueueStateResult:
+        """Release a held job (it goes on from the step it held at) and start queued
+        jobs again. Resuming a queue that is not paused does nothing."""
         if self.state.pause_mode is not None:
+            self.store.set_meta(PAUSE_META_KEY, None)
             self.state.pause_mode = None
-            self.store.set_meta("pause_mode", None)
             if self.state.running is not None:
                 self.state.running.control.release_pause()
             self.publish("queue.resumed", None, {})
+            log.info("queue resumed")
             self._kick()
         return QueueStateResult(paused=False, mode=None)
 
     def abort(self, job_id: int | None = None) -> JobRecord:
+        """Without an id: the running (or held) job. A queued job is cancelled at once; a
+        running or held one is told to stop and ends `aborted` when the worker unwinds
+        (within one transformer block), which `job.aborted` announces."""
         running = self.state.running
         if job_id is None:
             if running is None:
                 raise WrongState("nothing is running")
             job_id = running.id
         if running is not None and running.id == job_id:
-            running.control.request_abort()
+            running.abort_requested = True
+            running.control.request_abort()  # also wakes a held job
+            log.info("job %d: abort requested", job_id)
             return self.job(job_id)
         record = self.store.get(job_id)
         if record.state != "queued":
-            raise WrongState(f"job {job_id} is already {record.state}", {"job": job_id})
+            raise WrongState(
+                f"job {job_id} is {record.state}; only a queued, running or paused job can "
+                "be aborted",
+                {"job": job_id, "state": record.state},
+            )
         error = JobError(type="Cancelled", message="cancelled before it started")
-        record = self.store.transition(
-            job_id, "aborted", allowed_from=("queued",), error=error, finished=True
-        )
+        record = self.store.transition(job_id, "aborted", allowed_from=("queued",), error=error)
         self.publish("job.aborted", job_id, {"error": msgspec.to_builtins(error)})
+        log.info("job %d cancelled", job_id)
         return record
 
     def clear(self) -> ClearResult:
+        """Cancel every queued job in one transaction; the running job is left alone."""
         cancelled = self.store.clear_queued()
-        error = {"type": "Cancelled", "message": "cancelled by clear"}
         for job_id in cancelled:
-            self.publish("job.aborted", job_id, {"error": error})
+            error = self.store.get(job_id).error
+            self.publish("job.aborted", job_id, {"error": msgspec.to_builtins(error)})
         self.publish("queue.cleared", None, {"cancelled": cancelled})
         return ClearResult(cancelled=cancelled)
 
     def retry(self, job_id: int) -> EnqueueResult:
+        """A new job with the same resolved spec (same seed, so the same video) and the
+        same priority; the old record stays as history."""
         if self._stopping:
             raise ShuttingDown("the daemon is shutting down and takes no new jobs")
         record = self.store.get(job_id)
         if record.state not in ("failed", "aborted"):
             raise WrongState(
-                f"job {job_id} is {record.state}; only failed or aborted jobs can be retried",
+                f"job {job_id} is {record.state}; only a failed or aborted job can be retried",
                 {"job": job_id, "state": record.state},
             )
         return self._add(record.spec, record.priority, job_id)
 
     def move(self, job_id: int, position: int) -> MoveResult:
-        new_position = self.store.move(job_id, position)
-        self.publish("job.moved", job_id, {"position": new_position})
-        self._kick()
-        return MoveResult(job=job_id, position=new_position)
+        """Move a queued job in the run order (see JobStore.move for the priority rule)."""
+        index = self.store.move(job_id, position)
+        priority = self.store.get(job_id).priority
+        self.publish("job.moved", job_id, {"position": index, "priority": priority})
+        return MoveResult(job=job_id, position=index)
+
+    def job(self, job_id: int) -> JobRecord:
+        """The stored record, with live progress when it is the running job."""
+        return self._live(self.store.get(job_id))
+
+    def jobs(self, states: Sequence[str] | None = None, limit: int = 100) -> JobsResult:
+        return JobsResult(jobs=[self._live(r) for r in self.store.list(states, limit)])
 
     def _live(self, record: JobRecord) -> JobRecord:
         running = self.state.running
@@ -281,13 +361,8 @@ class QueueController:
             return msgspec.structs.replace(record, progress=running.progress)
         return record
 
-    def job(self, job_id: int) -> JobRecord:
-        return self._live(self.store.get(job_id))
-
-    def jobs(self, states: Sequence[str] | None = None, limit: int = 100) -> JobsResult:
-        return JobsResult(jobs=[self._live(r) for r in self.store.list(states, limit)])
-
     def snapshot(self) -> tuple[bool, str | None, QueueCounts, RunningInfo | None]:
+        """(paused, pause mode, counts, the running job) for the daemon's `status`."""
         running = self.state.running
         info = None
         if running is not None:
@@ -304,31 +379,48 @@ class QueueController:
         return self.state.paused, self.state.pause_mode, self.store.counts(), info
 
     async def stop(self, mode: str = "graceful", timeout: float = 30.0) -> None:
-        """Take no new jobs; requeue the running one ("graceful") or let it end ("finish").
+        """Take no new jobs, settle the running one, and let `run()` return.
 
-        "graceful" unwinds the worker at its next transformer block rather than waiting
-        for a step boundary: the job restarts from its first step after the next start
-        anyway (latents are not persisted), so sooner is better.
+        "graceful": the running job goes back to the queue at its old place, attempts
+        kept, and runs again from its first step at the next start. Its latents are not
+        persisted, so holding it at a step boundary would only delay the stop: it is told
+        to unwind at once (the abort latch, which lands within one transformer block and
+        also wakes a held job), and because the unwind was asked for by the stop, not by
+        a user, it ends `queued`, never `aborted`.
+        "finish": the running job runs to its end. A job held by "pause now" is
+        requeued as in "graceful", since finishing it would break the pause.
+        After `timeout` seconds stop returns anyway. The loop still records the job's
+        outcome if the worker returns before the process ends (cancelling the loop waits
+        for the worker); if it never does, the job stays `running` in the store and the
+        next start's recovery requeues it, counting the attempt.
         """
+        if mode not in STOP_MODES:
+            raise ValueError(f"stop mode must be one of {', '.join(STOP_MODES)}")
         self._stopping = True
+        self._kick()
         running = self.state.running
-        if running is not None and mode == "graceful":
-            self._requeue_on_unwind = True
+        if running is None or self._job_done is None:
+            return
+        if mode == "graceful" or running.control.pause_requested:
+            running.requeue_requested = True
             running.control.request_abort()
-        elif running is not None:
-            running.control.release_pause()
-        if self._idle is not None:
-            with anyio.move_on_after(timeout):
-                await self._idle.wait()
-        if self.state.running is not None:
+        log.info("stopping (%s): waiting for job %d", mode, running.id)
+        with anyio.move_on_after(timeout):
+            await self._job_done.wait()
+        if not self._job_done.is_set():
             log.warning(
-                "job %d still running at exit; it is requeued at the next start",
-                self.state.running.id,
+                "job %d did not stop within %.0f s; the next start queues it again",
+                running.id,
+                timeout,
             )
 
 
-class _WorkerHooks:
-    """RunHooks for one job: called on the worker thread, run on the loop thread."""
+class _LoopHooks:
+    """RunHooks for one job: called on the worker thread, run on the loop thread.
+
+    `from_thread.run_sync` blocks the worker until the loop has handled the report, so
+    a pause is committed as `paused` before the worker starts waiting, and a progress
+    event never overtakes the transition that follows it."""
 
     def __init__(self, controller: QueueController, job_id: int) -> None:
         self._c = controller
@@ -344,7 +436,7 @@ class _WorkerHooks:
         anyio.from_thread.run_sync(self._c._on_resumed, self._job, step, steps)
 
     def model_loading(self, model: str, data: dict[str, Any]) -> None:
-        anyio.from_thread.run_sync(self._c.publish, "model.loading", None, {"model": model, **data})
+        anyio.from_thread.run_sync(self._c._on_model, "model.loading", self._job, model, data)
 
     def model_loaded(self, model: str, data: dict[str, Any]) -> None:
-        anyio.from_thread.run_sync(self._c.publish, "model.loaded", None, {"model": model, **data})
+        anyio.from_thread.run_sync(self._c._on_model, "model.loaded", self._job, model, data)

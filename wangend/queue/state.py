@@ -1,31 +1,43 @@
 """QueueStateTracker: what the queue knows that is not worth a disk write.
 
-Job state lives only in SQLite. What lives here is derived or fleeting: the running job's
-live progress and ETA (updated every step; persisting it would cost an fsync per step),
-its JobControl, and the pause latch (mirrored into the store's meta table by the
-controller so a paused queue stays paused across restarts).
+Job state lives only in SQLite. What lives here is fleeting or derived: the running job,
+its JobControl, its live progress and ETA (updated every step; persisting them would cost
+an fsync per step and they mean nothing after a restart), and the pause latch, which the
+controller mirrors into the store's meta table so a paused queue stays paused across
+restarts. Nothing here touches the event loop or the store, so it is tested alone.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..pipelines.control import JobControl
 from ..protocol import JobRecord, Progress
 
-__all__ = ["QueueStateTracker", "RunningJob"]
+__all__ = ["PAUSE_MODES", "RECENT_STEPS", "QueueStateTracker", "RunningJob"]
+
+PAUSE_MODES = ("now", "after_current")
+# The ETA averages this many recent steps: enough to smooth noise, few enough to follow
+# a step time that changes (another process taking the GPU, thermal throttling).
+RECENT_STEPS = 8
 
 
 @dataclass
 class RunningJob:
-    record: JobRecord
+    """The job on the worker, from `job.started` until its outcome is committed."""
+
+    record: JobRecord  # as it was when it started
     control: JobControl
     progress: Progress = field(default_factory=lambda: Progress(phase="starting"))
-    held: bool = False  # the worker is holding at a step boundary (job state `paused`)
-    step_times: deque[float] = field(default_factory=lambda: deque(maxlen=8))
-    last_step_at: float | None = None
+    held: bool = False  # holding at a step boundary (the store says `paused`)
+    abort_requested: bool = False  # a user asked: the unwind ends `aborted`
+    requeue_requested: bool = False  # a graceful stop asked: the unwind ends `queued`
+    step_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
+    last_step: int = 0
+    last_step_at: float | None = None  # None: the next step cannot be timed
 
     @property
     def id(self) -> int:
@@ -33,9 +45,16 @@ class RunningJob:
 
 
 class QueueStateTracker:
-    def __init__(self, pause_mode: str | None = None) -> None:
-        self.pause_mode = pause_mode  # None | "now" | "after_current"
+    """The in-memory half of the queue's state: pause latch and the running job."""
+
+    def __init__(
+        self, pause_mode: str | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if pause_mode not in (None, *PAUSE_MODES):
+            raise ValueError(f"pause mode must be one of {PAUSE_MODES} or None")
+        self.pause_mode = pause_mode
         self.running: RunningJob | None = None
+        self._clock = clock
 
     @property
     def paused(self) -> bool:
@@ -48,25 +67,36 @@ class QueueStateTracker:
     def end(self) -> None:
         self.running = None
 
-    def update(self, step: int, steps: int, phase: str, now: float | None = None) -> Progress:
-        """Record a progress report; the ETA is the recent mean step time times the steps
-        left (None until a step has been timed: a guess would be worse than nothing)."""
+    def update(self, step: int, steps: int, phase: str) -> Progress:
+        """Record a progress report from the worker and return it with an ETA.
+
+        ETA = mean seconds per step over the recent steps x steps left, while
+        denoising. None until one step has been timed (a guess would be worse than
+        nothing) and outside denoising (loading and decoding do not scale with steps).
+        """
         job = self.running
         if job is None:
             return Progress(step=step, steps=steps, phase=phase)
-        now = time.monotonic() if now is None else now
-        if phase == "denoising" and step > job.progress.step and job.last_step_at is not None:
-            job.step_times.append((now - job.last_step_at) / (step - job.progress.step))
         if phase == "denoising":
-            job.last_step_at = now
+            now = self._clock()
+            if job.last_step_at is not None and step > job.last_step:
+                job.step_seconds.append((now - job.last_step_at) / (step - job.last_step))
+            job.last_step, job.last_step_at = step, now
         eta = None
-        if job.step_times and phase in ("denoising", "decoding", "saving"):
-            eta = sum(job.step_times) / len(job.step_times) * max(steps - step, 0)
+        if phase == "denoising" and job.step_seconds:
+            mean = sum(job.step_seconds) / len(job.step_seconds)
+            eta = round(mean * max(steps - step, 0), 3)
         job.progress = Progress(step=step, steps=steps, phase=phase, eta=eta)
         return job.progress
 
-    def resumed(self) -> None:
-        """After a hold the next step's time would include the pause: start timing anew."""
+    def held(self) -> None:
         if self.running is not None:
-            self.running.last_step_at = None
+            self.running.held = True
+
+    def resumed(self) -> None:
+        """The worker goes on after a hold, from the step boundary it held at. The next
+        step is timed from now, so the hold never counts as step time."""
+        if self.running is not None:
             self.running.held = False
+            if self.running.last_step_at is not None:
+                self.running.last_step_at = self._clock()

@@ -1,11 +1,17 @@
-"""JobStore: the durable queue in SQLite.
+"""JobStore: the durable queue, one SQLite file.
 
-Every state change is one guarded UPDATE inside one transaction (`transition`), committed
-before the caller announces it, so whatever a client has been told survives kill -9.
-WAL with synchronous=FULL: a commit is on disk when it returns. The store is used from
-the event loop thread only; its calls take well under a millisecond.
+Job state lives here and nowhere else. Every change is one guarded statement inside one
+`BEGIN IMMEDIATE` transaction, committed before the controller announces it, so whatever
+a client has been told survives kill -9. WAL with synchronous=FULL: a commit is on disk
+when the call returns. The store is used from the event loop thread only; each call takes
+well under a millisecond, so it is synchronous and needs one connection.
 
-SQL lives in named constants so a test can EXPLAIN QUERY PLAN the exact statement.
+Run order is (priority desc, position asc). A new job's position is its id, so equal
+priorities run first come, first served; `move` permutes the positions the queued jobs
+already hold and never invents new ones, so no renumbering drifts and a job enqueued
+later always lands behind.
+
+The SQL lives in named constants so a test can EXPLAIN QUERY PLAN the exact statement.
 """
 
 from __future__ import annotations
@@ -20,93 +26,164 @@ from typing import Any
 import msgspec
 
 from ..errors import UnknownJob, WrongState
-from ..protocol import JobError, JobRecord, QueueCounts, ResolvedJob
+from ..protocol import JOB_STATES, JobError, JobRecord, QueueCounts, ResolvedJob
 
-__all__ = ["JobStore", "Recovery"]
+__all__ = ["LIVE_STATES", "SCHEMA_VERSION", "JobStore", "Recovery"]
 
 SCHEMA_VERSION = 1
+LIVE_STATES = ("running", "paused")
 
-SCHEMA = """
+CREATE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    state       TEXT    NOT NULL,
+    state       TEXT    NOT NULL CHECK (state IN
+                    ('queued', 'running', 'paused', 'succeeded', 'failed', 'aborted')),
     priority    INTEGER NOT NULL DEFAULT 0,
-    position    REAL    NOT NULL,
-    spec        BLOB    NOT NULL,
+    position    INTEGER NOT NULL,
+    spec        TEXT    NOT NULL,
     attempts    INTEGER NOT NULL DEFAULT 0,
-    outputs     BLOB    NOT NULL DEFAULT '[]',
-    error       BLOB,
-    retry_of    INTEGER,
+    outputs     TEXT    NOT NULL DEFAULT '[]',
+    error       TEXT,
+    retry_of    INTEGER REFERENCES jobs (id),
     created_at  REAL    NOT NULL,
     started_at  REAL,
     finished_at REAL,
     updated_at  REAL    NOT NULL
 );
-CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority DESC, position);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS jobs_next ON jobs (state, priority DESC, position);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
-COLUMNS = (
-    "id, state, priority, position, spec, attempts, outputs, error, retry_of, "
+JOB_COLUMNS = (
+    "id, state, priority, spec, attempts, outputs, error, retry_of, "
     "created_at, started_at, finished_at, updated_at"
 )
+RUN_ORDER = "ORDER BY priority DESC, position"
+
 INSERT_JOB = (
     "INSERT INTO jobs (state, priority, position, spec, retry_of, created_at, updated_at) "
-    "VALUES ('queued', ?, (SELECT COALESCE(MAX(position), 0) + 1 FROM jobs), ?, ?, ?, ?)"
+    "VALUES ('queued', :priority, 0, :spec, :retry_of, :now, :now)"
 )
-SELECT_JOB = f"SELECT {COLUMNS} FROM jobs WHERE id = ?"
-SELECT_QUEUED = (
-    f"SELECT {COLUMNS} FROM jobs WHERE state = 'queued' ORDER BY priority DESC, position LIMIT ?"
+# The new id as the position: first come, first served among equal priorities.
+SET_POSITION_TO_ID = "UPDATE jobs SET position = id WHERE id = ?"
+SELECT_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"
+SELECT_STATE = "SELECT state FROM jobs WHERE id = ?"
+SELECT_NEXT = f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'queued' {RUN_ORDER} LIMIT 1"
+SELECT_QUEUED = f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'queued' {RUN_ORDER} LIMIT ?"
+SELECT_QUEUE_ORDER = f"SELECT id FROM jobs WHERE state = 'queued' {RUN_ORDER}"
+SELECT_QUEUE_SLOTS = f"SELECT id, priority, position FROM jobs WHERE state = 'queued' {RUN_ORDER}"
+SELECT_LIVE = f"SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ('running', 'paused') ORDER BY id"
+SELECT_NEWEST = (
+    f"SELECT {JOB_COLUMNS} FROM jobs WHERE state IN (SELECT value FROM json_each(?)) "
+    "ORDER BY id DESC LIMIT ?"
 )
-SELECT_NEXT = (
-    f"SELECT {COLUMNS} FROM jobs WHERE state = 'queued' ORDER BY priority DESC, position LIMIT 1"
-)
-SELECT_QUEUE_ORDER = "SELECT id FROM jobs WHERE state = 'queued' ORDER BY priority DESC, position"
-SELECT_RECENT = f"SELECT {COLUMNS} FROM jobs ORDER BY id DESC LIMIT ?"
 SELECT_COUNTS = "SELECT state, COUNT(*) FROM jobs GROUP BY state"
-SELECT_INTERRUPTED = "SELECT id, attempts FROM jobs WHERE state IN ('running', 'paused')"
+SELECT_INTERRUPTED = (
+    "SELECT id, attempts FROM jobs WHERE state IN ('running', 'paused') ORDER BY id"
+)
+# The one guarded transition. Old column values are read on the right-hand side, so the
+# start of a run (queued -> running) counts an attempt and stamps started_at, and entering
+# a final state stamps finished_at, whoever calls.
+TRANSITION = """
+UPDATE jobs SET
+    state       = :to,
+    attempts    = attempts + (state = 'queued' AND :to = 'running'),
+    started_at  = CASE WHEN state = 'queued' AND :to = 'running' THEN :now ELSE started_at END,
+    finished_at = CASE WHEN :to IN ('succeeded', 'failed', 'aborted') THEN :now
+                       ELSE finished_at END,
+    outputs     = COALESCE(:outputs, outputs),
+    error       = COALESCE(:error, error),
+    updated_at  = :now
+WHERE id = :id AND state IN (SELECT value FROM json_each(:allowed))
+"""
+SET_SLOT = "UPDATE jobs SET priority = ?, position = ?, updated_at = ? WHERE id = ?"
+CANCEL_QUEUED = (
+    "UPDATE jobs SET state = 'aborted', error = ?, finished_at = ?, updated_at = ? "
+    "WHERE state = 'queued'"
+)
+REQUEUE_JOB = "UPDATE jobs SET state = 'queued', updated_at = ? WHERE id = ?"
+FAIL_JOB = (
+    "UPDATE jobs SET state = 'failed', error = ?, finished_at = ?, updated_at = ? WHERE id = ?"
+)
 SELECT_META = "SELECT value FROM meta WHERE key = ?"
-UPSERT_META = "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = ?"
+UPSERT_META = (
+    "INSERT INTO meta (key, value) VALUES (?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+)
 DELETE_META = "DELETE FROM meta WHERE key = ?"
-SET_POSITION = "UPDATE jobs SET priority = ?, position = ?, updated_at = ? WHERE id = ?"
 
 
-class Recovery(msgspec.Struct, frozen=True):
-    """What `recover` found after an unclean stop."""
+def either(states: Sequence[str]) -> str:
+    """("queued", "running", "paused") -> "queued, running or paused"."""
+    *rest, last = states
+    return f"{', '.join(rest)} or {last}" if rest else last
+
+
+class Recovery(msgspec.Struct, frozen=True, kw_only=True):
+    """What `recover` did with the jobs an unclean stop left on the worker."""
 
     requeued: list[int]
     failed: list[int]
 
 
 class JobStore:
+    """The jobs table and a small key/value table (`meta`, e.g. the pause mode)."""
+
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
+        # isolation_level=None: no implicit transactions; `transaction()` says where they are.
         self._db = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
-        self._db.execute("PRAGMA busy_timeout = 5000")
-        mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode.lower() != "wal":
+        try:
+            self._configure()
+        except BaseException:
+            self._db.close()
+            raise
+        self._spec = msgspec.json.Decoder(ResolvedJob)
+        self._error = msgspec.json.Decoder(JobError)
+        self._outputs = msgspec.json.Decoder(list[str])
+        # `status` asks for counts on every call; they only change when a write commits.
+        self._counts: QueueCounts | None = None
+
+    def _configure(self) -> None:
+        db = self._db
+        db.execute("PRAGMA busy_timeout = 5000")
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
             raise sqlite3.OperationalError(f"cannot switch {self.path} to WAL (got {mode})")
-        self._db.execute("PRAGMA synchronous = FULL")
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("PRAGMA foreign_keys = ON")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise sqlite3.DatabaseError(
-                f"{self.path} was written by a newer wangend (schema {version})"
+                f"{self.path} has schema version {version}; this wangend knows up to "
+                f"{SCHEMA_VERSION} (it was written by a newer wangend)"
             )
-        self._db.executescript(
-            f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-        )
-        self._spec_decoder = msgspec.json.Decoder(ResolvedJob)
-        self._error_decoder = msgspec.json.Decoder(JobError)
-        self._outputs_decoder = msgspec.json.Decoder(list[str])
-        # `status` asks for counts on every call; they change only when a write commits.
-        self._counts: QueueCounts | None = None
+        if version < SCHEMA_VERSION:
+            # Version 0 is a new file. Later versions migrate here, step by step.
+            db.executescript(
+                f"BEGIN IMMEDIATE; {CREATE_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            )
 
     def close(self) -> None:
         self._db.close()
 
+    def __enter__(self) -> JobStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT; rolled back on any exception."""
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception.
+
+        IMMEDIATE takes the write lock up front, so a read-then-write inside never meets
+        a concurrent writer halfway (the daemon's lock file makes that rare, not
+        impossible: an operator's sqlite3 shell).
+        """
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
@@ -119,16 +196,16 @@ class JobStore:
     # --- reading -----------------------------------------------------------------------
 
     def _record(self, row: Sequence[Any]) -> JobRecord:
-        (job_id, state, priority, _pos, spec, attempts, outputs, error, retry_of,
+        (job_id, state, priority, spec, attempts, outputs, error, retry_of,
          created, started, finished, updated) = row  # fmt: skip
         return JobRecord(
             id=job_id,
             state=state,
-            spec=self._spec_decoder.decode(spec),
+            spec=self._spec.decode(spec),
             priority=priority,
             attempts=attempts,
-            outputs=self._outputs_decoder.decode(outputs),
-            error=self._error_decoder.decode(error) if error else None,
+            outputs=self._outputs.decode(outputs),
+            error=self._error.decode(error) if error else None,
             retry_of=retry_of,
             created_at=created,
             started_at=started,
@@ -143,27 +220,29 @@ class JobStore:
         return self._record(row)
 
     def list(self, states: Sequence[str] | None = None, limit: int = 100) -> list[JobRecord]:
-        """Queued jobs in run order first, then the others newest first."""
-        wanted = set(states) if states else None
+        """Up to `limit` jobs in the order a person reads a queue: the live one (running or
+        paused), then the queued ones in run order, then the finished ones, newest (highest
+        id) first. `states` keeps only those states."""
+        wanted = set(states or JOB_STATES)
         records: list[JobRecord] = []
-        if wanted is None or "queued" in wanted:
-            rows = self._db.execute(SELECT_QUEUED, (limit,)).fetchall()
+        if wanted & set(LIVE_STATES):
+            rows = self._db.execute(SELECT_LIVE).fetchall()
+            records += [self._record(r) for r in rows if r[1] in wanted]
+        if "queued" in wanted and len(records) < limit:
+            rows = self._db.execute(SELECT_QUEUED, (limit - len(records),)).fetchall()
             records += [self._record(r) for r in rows]
-        if wanted is None or wanted - {"queued"}:
-            others = sorted(wanted - {"queued"}) if wanted else None
-            sql = f"SELECT {COLUMNS} FROM jobs WHERE state != 'queued'"
-            args: list[Any] = []
-            if others:
-                sql += f" AND state IN ({','.join('?' * len(others))})"
-                args += others
-            rows = self._db.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
-            records += [self._record(r) for r in rows]
+        finished = sorted(wanted - {"queued", *LIVE_STATES})
+        if finished and len(records) < limit:
+            args = (msgspec.json.encode(finished).decode(), limit - len(records))
+            records += [self._record(r) for r in self._db.execute(SELECT_NEWEST, args)]
         return records[:limit]
 
     def queue_order(self) -> list[int]:
+        """Queued job ids, the next to run first."""
         return [row[0] for row in self._db.execute(SELECT_QUEUE_ORDER)]
 
     def next_queued(self) -> JobRecord | None:
+        """The job to run next: highest priority, then lowest position (oldest)."""
         row = self._db.execute(SELECT_NEXT).fetchone()
         return self._record(row) if row else None
 
@@ -177,21 +256,28 @@ class JobStore:
         return row[0] if row else None
 
     def set_meta(self, key: str, value: str | None) -> None:
+        """Store `value` under `key`; None removes the key."""
         with self.transaction() as db:
             if value is None:
                 db.execute(DELETE_META, (key,))
             else:
-                db.execute(UPSERT_META, (key, value, value))
+                db.execute(UPSERT_META, (key, value))
 
     # --- writing -----------------------------------------------------------------------
 
     def insert(
         self, spec: ResolvedJob, priority: int = 0, retry_of: int | None = None
     ) -> JobRecord:
-        now = time.time()
+        """A new `queued` job behind every queued job of the same priority."""
+        params = {
+            "priority": priority,
+            "spec": msgspec.json.encode(spec).decode(),
+            "retry_of": retry_of,
+            "now": time.time(),
+        }
         with self.transaction() as db:
-            cur = db.execute(INSERT_JOB, (priority, msgspec.json.encode(spec), retry_of, now, now))
-            job_id = cur.lastrowid
+            job_id = db.execute(INSERT_JOB, params).lastrowid
+            db.execute(SET_POSITION_TO_ID, (job_id,))
         return self.get(job_id)
 
     def transition(
@@ -200,116 +286,112 @@ class JobStore:
         to: str,
         *,
         allowed_from: Sequence[str],
-        attempts_delta: int = 0,
         outputs: list[str] | None = None,
         error: JobError | None = None,
-        started: bool = False,
-        finished: bool = False,
     ) -> JobRecord:
-        """Move one job to `to` if (and only if) it is in one of `allowed_from`."""
-        now = time.time()
-        sets = ["state = ?", "updated_at = ?", "attempts = attempts + ?"]
-        args: list[Any] = [to, now, attempts_delta]
-        if outputs is not None:
-            sets.append("outputs = ?")
-            args.append(msgspec.json.encode(outputs))
-        if error is not None:
-            sets.append("error = ?")
-            args.append(msgspec.json.encode(error))
-        if started:
-            sets.append("started_at = ?")
-            args.append(now)
-        if finished:
-            sets.append("finished_at = ?")
-            args.append(now)
-        marks = ",".join("?" * len(allowed_from))
-        sql = f"UPDATE jobs SET {', '.join(sets)} WHERE id = ? AND state IN ({marks})"
+        """Move one job to `to` if, and only if, it is in one of `allowed_from`.
+
+        One guarded UPDATE in one transaction: two callers can never both move the same
+        job out of the same state. The changes a transition carries are its `outputs`
+        and `error`; the store itself counts an attempt and stamps `started_at` when a job
+        goes from queued to running, and stamps `finished_at` on a final state.
+        Raises UnknownJob, or WrongState naming the job's current state.
+        """
+        if to not in JOB_STATES:
+            raise ValueError(f"{to!r} is not a job state")
+        params = {
+            "id": job_id,
+            "to": to,
+            "now": time.time(),
+            "allowed": msgspec.json.encode(list(allowed_from)).decode(),
+            "outputs": None if outputs is None else msgspec.json.encode(outputs).decode(),
+            "error": None if error is None else msgspec.json.encode(error).decode(),
+        }
         with self.transaction() as db:
-            changed = db.execute(sql, (*args, job_id, *allowed_from)).rowcount
-            if not changed:
-                row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if db.execute(TRANSITION, params).rowcount == 0:
+                row = db.execute(SELECT_STATE, (job_id,)).fetchone()
                 if row is None:
                     raise UnknownJob(job_id)
                 raise WrongState(
-                    f"job {job_id} is {row[0]}; it must be {' or '.join(allowed_from)} to "
-                    f"become {to}",
+                    f"job {job_id} is {row[0]}; only a {either(allowed_from)} job can become {to}",
                     {"job": job_id, "state": row[0]},
                 )
         return self.get(job_id)
 
     def move(self, job_id: int, position: int) -> int:
-        """Put a queued job at `position` in the run order (0 = next).
+        """Put a queued job at `position` in the run order (0 = next to run); returns the
+        index it ended at (a position past the end means last).
 
-        Order is (priority desc, position asc). A job moved in front of a job of higher
-        priority takes that priority (and behind one of lower priority, that one's), so
-        the new place holds whatever is enqueued later at ordinary priorities.
+        Run order is (priority desc, position asc), so a place is only reachable with a
+        fitting priority. The rule: the job keeps its priority when its new neighbours
+        allow it; moved in front of a job of higher priority it takes that job's
+        priority, moved behind a job of lower priority it takes that one's. Either way
+        the job sits exactly where it was asked to, and jobs enqueued later at those
+        priorities still queue behind it.
         """
         with self.transaction() as db:
-            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = db.execute(SELECT_STATE, (job_id,)).fetchone()
             if row is None:
                 raise UnknownJob(job_id)
             if row[0] != "queued":
-                raise WrongState(f"job {job_id} is {row[0]}; only queued jobs can move")
-            order = db.execute(
-                "SELECT id, priority, position FROM jobs WHERE state = 'queued' AND id != ? "
-                "ORDER BY priority DESC, position",
-                (job_id,),
-            ).fetchall()
-            index = min(position, len(order))
-            before = order[index - 1] if index > 0 else None
-            after = order[index] if index < len(order) else None
-            if after is not None:  # land just in front of `after`, adopting its priority
-                priority = after[1]
-                same = before is not None and before[1] == priority
-                new_pos = (before[2] + after[2]) / 2 if same else after[2] - 1.0
-            elif before is not None:  # to the end
-                priority, new_pos = before[1], before[2] + 1.0
-            else:  # the only queued job
-                return 0
-            db.execute(SET_POSITION, (priority, new_pos, time.time(), job_id))
-        return self.queue_order().index(job_id)
+                raise WrongState(
+                    f"job {job_id} is {row[0]}; only a queued job can move",
+                    {"job": job_id, "state": row[0]},
+                )
+            slots = db.execute(SELECT_QUEUE_SLOTS).fetchall()
+            positions = [pos for _id, _prio, pos in slots]  # ascending within the new order
+            me = next(s for s in slots if s[0] == job_id)
+            others = [s for s in slots if s[0] != job_id]
+            index = max(0, min(position, len(others)))
+            priority = me[1]
+            if index < len(others):  # never below the job it goes in front of
+                priority = max(priority, others[index][1])
+            if index > 0:  # never above the job it goes behind
+                priority = min(priority, others[index - 1][1])
+            order = [(i, p) for i, p, _ in others[:index]]
+            order += [(job_id, priority)] + [(i, p) for i, p, _ in others[index:]]
+            # Reuse the queued jobs' own positions, in ascending order along the new run
+            # order; priorities along it never rise, so ORDER BY gives exactly this order.
+            now = time.time()
+            old = {i: (p, pos) for i, p, pos in slots}
+            for (i, p), pos in zip(order, sorted(positions), strict=True):
+                if old[i] != (p, pos):
+                    db.execute(SET_SLOT, (p, pos, now, i))
+        return index
 
     def clear_queued(self) -> list[int]:
-        """Every queued job ends `aborted` (cancelled), in one transaction."""
+        """Cancel every queued job (each ends `aborted`, error "Cancelled") in one
+        transaction; returns their ids in the order they would have run."""
         now = time.time()
-        error = msgspec.json.encode(JobError(type="Cancelled", message="cancelled by clear"))
+        error = JobError(type="Cancelled", message="cancelled by clear before it started")
         with self.transaction() as db:
-            ids = [r[0] for r in db.execute(SELECT_QUEUE_ORDER)]
-            db.execute(
-                "UPDATE jobs SET state = 'aborted', error = ?, finished_at = ?, updated_at = ? "
-                "WHERE state = 'queued'",
-                (error, now, now),
-            )
+            ids = [row[0] for row in db.execute(SELECT_QUEUE_ORDER)]
+            db.execute(CANCEL_QUEUED, (msgspec.json.encode(error).decode(), now, now))
         return ids
 
     def recover(self, max_attempts: int) -> Recovery:
-        """After an unclean stop: put interrupted jobs back in the queue, or fail them.
+        """After an unclean stop: give back to the queue what the worker held.
 
         A job found `running` or `paused` was on the worker when the daemon died. It goes
-        back to `queued` keeping its attempt count, unless it has used `max_attempts`
-        already: then it fails, so one job that kills the daemon cannot loop forever.
+        back to `queued`, at its old place and keeping its attempt count, unless it has
+        been started `max_attempts` times already: then it fails ("Interrupted"), so one
+        job that takes the daemon down cannot bring it down forever.
         """
         requeued: list[int] = []
         failed: list[int] = []
         now = time.time()
         with self.transaction() as db:
             for job_id, attempts in db.execute(SELECT_INTERRUPTED).fetchall():
-                if attempts >= max_attempts:
-                    error = JobError(
-                        type="Interrupted",
-                        message=f"the daemon stopped during this job {attempts} times; "
-                        "giving up (retry it to try again)",
-                    )
-                    db.execute(
-                        "UPDATE jobs SET state = 'failed', error = ?, finished_at = ?, "
-                        "updated_at = ? WHERE id = ?",
-                        (msgspec.json.encode(error), now, now, job_id),
-                    )
-                    failed.append(job_id)
-                else:
-                    db.execute(
-                        "UPDATE jobs SET state = 'queued', updated_at = ? WHERE id = ?",
-                        (now, job_id),
-                    )
+                if attempts < max_attempts:
+                    db.execute(REQUEUE_JOB, (now, job_id))
                     requeued.append(job_id)
+                    continue
+                times = "once" if attempts == 1 else f"{attempts} times"
+                error = JobError(
+                    type="Interrupted",
+                    message=f"the daemon stopped while this job ran, {times}; it is not "
+                    "started again automatically (retry it to run it once more)",
+                )
+                db.execute(FAIL_JOB, (msgspec.json.encode(error).decode(), now, now, job_id))
+                failed.append(job_id)
         return Recovery(requeued=requeued, failed=failed)
