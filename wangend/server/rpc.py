@@ -1,13 +1,16 @@
-"""The daemon's method table: thin adapters from decoded params to the services.
+"""The daemon's method table: thin adapters from decoded params to the daemon's services.
 
-Each method's params arrive already decoded into their protocol Struct (the dispatcher
-did that); each returns a protocol Struct. Errors are raised as WangenError subclasses
-and mapped to JSON-RPC errors in one place, the dispatcher.
+Each handler gets its params already decoded into their protocol Struct (the dispatcher
+did that, naming the field on error) and returns a protocol Struct. Errors are raised as
+WangenError subclasses; the dispatcher maps them, in one place, to JSON-RPC errors.
+Nothing here touches sockets: the connection's `Session` is the only link to the
+transport, which is why the rules about ordering (the `subscribe` reply before its replay,
+the `shutdown` reply before the stop) are kept by the Session, not re-implemented here.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 
@@ -15,109 +18,127 @@ from ..errors import ShuttingDown, Unauthorized
 from ..protocol import (
     AbortParams,
     AuthParams,
+    ClearResult,
+    EnqueueResult,
+    JobRecord,
     JobRef,
     JobsParams,
     JobSpec,
+    JobsResult,
     ModelsResult,
     MoveParams,
+    MoveResult,
     OkResult,
     PauseParams,
+    QueueStateResult,
     ShutdownParams,
     StatusParams,
     StatusResult,
     SubscribeParams,
+    SubscribeResult,
 )
 from .jsonrpc import Dispatcher, Method
 
-__all__ = ["Services", "build_dispatcher"]
+if TYPE_CHECKING:
+    from ..queue.controller import QueueController
+    from .events import EventBus
+    from .transport import Session
 
-WRONG_TOKEN_DELAY = 0.2  # slows guessing; only the guessing connection waits
+__all__ = ["WRONG_TOKEN_DELAY", "Services", "build_dispatcher", "build_methods"]
+
+# Slows token guessing. Only the guessing connection waits: anyio.sleep, not time.sleep.
+WRONG_TOKEN_DELAY = 0.2
 
 
 class Services(Protocol):
-    controller: Any  # queue.controller.QueueController
-    bus: Any  # events.EventBus
-    accepting: bool
+    """What the method table needs from the daemon (server/daemon.py implements it)."""
+
+    controller: QueueController
+    bus: EventBus
+    accepting: bool  # False while shutting down: enqueue and retry answer -32005
 
     def status(self) -> StatusResult: ...
     def models(self) -> ModelsResult: ...
-    def check_token(self, token: str) -> bool: ...
+    def check_token(self, token: str) -> bool: ...  # constant-time inside
     def request_shutdown(self, mode: str) -> None: ...
 
 
-def build_dispatcher(services: Services) -> Dispatcher:
-    def accepting() -> None:
+def build_methods(services: Services) -> list[Method]:
+    """The daemon's methods, bound to `services`."""
+
+    def ensure_accepting() -> None:
         if not services.accepting:
             raise ShuttingDown("the daemon is shutting down and takes no new work")
 
-    async def auth(conn: Any, p: AuthParams) -> OkResult:
+    async def auth(session: Session, p: AuthParams) -> OkResult:
         if not services.check_token(p.token):
             await anyio.sleep(WRONG_TOKEN_DELAY)
             raise Unauthorized("wrong token")
-        conn.authenticated = True
+        session.authenticated = True
         return OkResult()
 
-    async def enqueue(conn: Any, spec: JobSpec) -> Any:
-        accepting()
+    async def enqueue(session: Session, spec: JobSpec) -> EnqueueResult:
+        ensure_accepting()
         return services.controller.enqueue(spec)
 
-    async def status(conn: Any, p: StatusParams) -> Any:
+    async def status(session: Session, p: StatusParams) -> StatusResult | JobRecord:
         return services.status() if p.job is None else services.controller.job(p.job)
 
-    async def pause(conn: Any, p: PauseParams) -> Any:
+    async def pause(session: Session, p: PauseParams) -> QueueStateResult:
         return services.controller.pause(p.mode)
 
-    async def resume(conn: Any, p: None) -> Any:
+    async def resume(session: Session, p: None) -> QueueStateResult:
         return services.controller.resume()
 
-    async def abort(conn: Any, p: AbortParams) -> Any:
+    async def abort(session: Session, p: AbortParams) -> JobRecord:
         return services.controller.abort(p.job)
 
-    async def subscribe(conn: Any, p: SubscribeParams) -> Any:
-        result, replay = services.bus.subscribe(conn, p.since, p.jobs)
-        conn.hold_events_until_reply(replay)
-        return result
+    async def subscribe(session: Session, p: SubscribeParams) -> SubscribeResult:
+        return session.subscribe(p.since, p.jobs)
 
-    async def unsubscribe(conn: Any, p: None) -> OkResult:
-        services.bus.unsubscribe(conn)
+    async def unsubscribe(session: Session, p: None) -> OkResult:
+        session.unsubscribe()
         return OkResult()
 
-    async def jobs(conn: Any, p: JobsParams) -> Any:
+    async def jobs(session: Session, p: JobsParams) -> JobsResult:
         return services.controller.jobs(p.state, p.limit)
 
-    async def clear(conn: Any, p: None) -> Any:
+    async def clear(session: Session, p: None) -> ClearResult:
         return services.controller.clear()
 
-    async def retry(conn: Any, p: JobRef) -> Any:
-        accepting()
+    async def retry(session: Session, p: JobRef) -> EnqueueResult:
+        ensure_accepting()
         return services.controller.retry(p.job)
 
-    async def move(conn: Any, p: MoveParams) -> Any:
+    async def move(session: Session, p: MoveParams) -> MoveResult:
         return services.controller.move(p.job, p.position)
 
-    async def models(conn: Any, p: None) -> Any:
+    async def models(session: Session, p: None) -> ModelsResult:
         return services.models()
 
-    async def shutdown(conn: Any, p: ShutdownParams) -> OkResult:
-        # The reply is queued before the stop begins, so the caller sees it.
-        services.request_shutdown(p.mode)
+    async def shutdown(session: Session, p: ShutdownParams) -> OkResult:
+        mode = p.mode
+        session.after_reply(lambda: services.request_shutdown(mode))  # the reply goes first
         return OkResult()
 
-    return Dispatcher(
-        [
-            Method("auth", auth, AuthParams, requires_auth=False),
-            Method("enqueue", enqueue, JobSpec),
-            Method("status", status, StatusParams),
-            Method("pause", pause, PauseParams),
-            Method("resume", resume),
-            Method("abort", abort, AbortParams),
-            Method("subscribe", subscribe, SubscribeParams),
-            Method("unsubscribe", unsubscribe),
-            Method("jobs", jobs, JobsParams),
-            Method("clear", clear),
-            Method("retry", retry, JobRef),
-            Method("move", move, MoveParams),
-            Method("models", models),
-            Method("shutdown", shutdown, ShutdownParams),
-        ]
-    )
+    return [
+        Method("auth", auth, AuthParams, requires_auth=False),
+        Method("enqueue", enqueue, JobSpec),
+        Method("status", status, StatusParams),
+        Method("pause", pause, PauseParams),
+        Method("resume", resume),
+        Method("abort", abort, AbortParams),
+        Method("subscribe", subscribe, SubscribeParams),
+        Method("unsubscribe", unsubscribe),
+        Method("jobs", jobs, JobsParams),
+        Method("clear", clear),
+        Method("retry", retry, JobRef),
+        Method("move", move, MoveParams),
+        Method("models", models),
+        Method("shutdown", shutdown, ShutdownParams),
+    ]
+
+
+def build_dispatcher(services: Services, **options: object) -> Dispatcher:
+    """The daemon's Dispatcher; `options` go to Dispatcher (e.g. `engine=`)."""
+    return Dispatcher(build_methods(services), **options)  # type: ignore[arg-type]

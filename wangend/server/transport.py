@@ -1,10 +1,26 @@
 """TCP and Unix listeners, NDJSON framing, one writer queue per connection.
 
-Replies and events for a connection go through one outbound queue drained by one writer
-task, so they reach the client in the order they were produced. Events are offered to
-that queue without waiting (EventBus.publish never blocks); past `subscriber_buffer`
-unsent events the subscription is dropped with a final notice, and past a hard byte cap
-the connection is closed. A slow or vanished client costs only its own tasks.
+Why it is built this way:
+
+* `LineFramer` is sans-IO, so framing is tested without sockets. A line is refused as
+  soon as the bytes buffered for it pass the cap, before its newline arrives, so a client
+  cannot make the daemon buffer an endless line.
+* Each connection has one reader task (it dispatches lines in order) and one writer task
+  that drains the connection's outbound queue. Replies and events share that queue, so
+  the client sees them in the order they were produced. Nothing else writes to the socket.
+* The EventBus hands events to `Connection.deliver`, which only appends to the queue.
+  Past `subscriber_buffer` unsent events the bus drops the subscription and the client
+  gets one final `subscription.dropped` notice. A client that stops reading blocks only
+  its own writer; its reader stops taking requests while more than `read_pause_bytes` of
+  output waits, and past `max_pending_bytes` the connection is closed.
+* Every failure of one client ends that connection quietly: an exception escaping a
+  connection task would end the listener and every other connection with it.
+* Closing is lingering: flush, send EOF, then read and discard until the client closes,
+  bounded in time. Closing with unread input makes the kernel send RST, which can
+  destroy the last reply (a -32006) before the client reads it.
+* The Unix socket is bound inside a fresh 0700 directory, made 0600 and renamed into
+  place, so it is never reachable with a wider mode, without touching the process-wide
+  umask that worker threads also use.
 """
 
 from __future__ import annotations
@@ -14,341 +30,570 @@ import errno
 import logging
 import os
 import socket
+import stat
+import tempfile
 from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
 
-from ..protocol import ErrorCode
+from ..protocol import MAX_LINE_BYTES, ErrorCode, SubscribeResult
 from .events import EventBus
 from .jsonrpc import Dispatcher
 
-__all__ = ["Connection", "LineFramer", "LineTooLong", "Server"]
+__all__ = ["Connection", "Limits", "LineFramer", "LineTooLong", "ListenError", "Server", "Session"]
 
 log = logging.getLogger("wangend.transport")
 
-MAX_PENDING_BYTES = 64 * 1024 * 1024
 READ_CHUNK = 65536
+WRITE_BATCH_BYTES = 256 * 1024
+_GONE = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_line_bytes: int = MAX_LINE_BYTES
+    subscriber_buffer: int = 4096  # unsent events before the subscription is dropped
+    read_pause_bytes: int = 1024 * 1024  # stop reading requests while this much output waits
+    max_pending_bytes: int = 64 * 1024 * 1024  # unsent output before the connection closes
+    linger: float = 2.0  # seconds a closing connection may spend flushing
 
 
 class LineTooLong(Exception):
-    pass
+    """A line passed the cap. `lines` are the complete lines that came before it."""
+
+    def __init__(self, limit: int, lines: list[bytes]) -> None:
+        super().__init__(f"line longer than {limit} bytes")
+        self.limit = limit
+        self.lines = lines
 
 
 class LineFramer:
-    """Splits a byte stream into lines (sans-IO). Blank lines are skipped; CRLF is fine.
+    """Splits a byte stream into lines (sans-IO).
 
-    The cap is checked on the bytes buffered so far, so an endless line without a
-    newline is refused as soon as it passes the cap, not when it ends.
+    A line may hold at most `max_line_bytes` bytes before its `\\n`; a trailing `\\r` is
+    removed and blank lines are skipped. Partial lines are kept as a list of chunks and
+    joined once, so a long line is copied a bounded number of times.
     """
 
-    def __init__(self, max_line: int) -> None:
-        self.max_line = max_line
-        self._buf = bytearray()
+    def __init__(self, max_line_bytes: int) -> None:
+        self.limit = max_line_bytes
+        self._parts: list[bytes] = []
+        self._partial = 0  # bytes of the unfinished line
+
+    @property
+    def buffered(self) -> int:
+        return self._partial
 
     def feed(self, data: bytes) -> list[bytes]:
-        self._buf += data
+        """The complete lines in `data` (plus what was buffered); raises LineTooLong."""
         lines: list[bytes] = []
         start = 0
-        while True:
-            end = self._buf.find(b"\n", start)
-            if end < 0:
-                break
-            if end - start > self.max_line:
-                raise LineTooLong()
-            line = bytes(self._buf[start:end]).rstrip(b"\r")
-            if line.strip():
-                lines.append(line)
+        end = data.find(b"\n")
+        if end >= 0 and self._parts:
+            self._parts.append(data[:end])
+            line, self._parts, self._partial = b"".join(self._parts), [], 0
+            self._take(line, lines)
             start = end + 1
-        del self._buf[:start]
-        if len(self._buf) > self.max_line:
-            raise LineTooLong()
+            end = data.find(b"\n", start)
+        while end >= 0:
+            self._take(data[start:end], lines)
+            start = end + 1
+            end = data.find(b"\n", start)
+        if start < len(data):
+            rest = data[start:] if start else data
+            self._parts.append(rest)
+            self._partial += len(rest)
+            if self._partial > self.limit:
+                raise LineTooLong(self.limit, lines)
         return lines
+
+    def _take(self, line: bytes, lines: list[bytes]) -> None:
+        if len(line) > self.limit:
+            raise LineTooLong(self.limit, lines)
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if line and not line.isspace():
+            lines.append(line)
+
+
+class Session:
+    """What RPC methods know about the connection a request came from."""
+
+    __slots__ = ("_conn", "authenticated", "kind", "peer")
+
+    def __init__(self, conn: Connection, kind: str, peer: str) -> None:
+        self._conn = conn
+        self.kind = kind  # "tcp" | "unix"
+        self.peer = peer
+        self.authenticated = kind == "unix"  # the socket's 0600 mode is the check
+
+    @property
+    def subscribed(self) -> bool:
+        return self._conn.bus.is_subscribed(self._conn)
+
+    def subscribe(
+        self, since: int | None = None, jobs: Iterable[int] | None = None
+    ) -> SubscribeResult:
+        """Subscribe this connection; the reply goes out first, then the replay, then
+        live events, with no gap and no duplicate (all decided here, without awaiting)."""
+        result, replay = self._conn.bus.subscribe(self._conn, since, jobs)
+        self._conn.hold_events(replay)
+        return result
+
+    def unsubscribe(self) -> bool:
+        return self._conn.bus.unsubscribe(self._conn)
+
+    def after_reply(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once the current request's reply has been queued."""
+        self._conn.after_reply(callback)
 
 
 class Connection:
-    """One client: a reader that dispatches lines, a writer that drains the queue.
-
-    Also the EventBus subscriber for its client (`deliver`, `dropped`).
-    """
+    """One client: reader and writer tasks around one outbound queue; an EventBus
+    subscriber."""
 
     def __init__(
         self,
         stream: anyio.abc.ByteStream,
         kind: str,
+        peer: str,
         dispatcher: Dispatcher,
         bus: EventBus,
-        *,
-        max_line: int,
-        subscriber_buffer: int,
+        limits: Limits,
     ) -> None:
         self.stream = stream
-        self.kind = kind
-        self.authenticated = kind == "unix"  # the socket's 0600 mode is the check
-        self.dispatcher = dispatcher
         self.bus = bus
-        self.max_line = max_line
-        self.subscriber_buffer = subscriber_buffer
-        self._out: deque[tuple[bytes, bool]] = deque()
+        self.dispatcher = dispatcher
+        self.limits = limits
+        self.session = Session(self, kind, peer)
+        self._out: deque[tuple[bytes, bool]] = deque()  # (line, counts as a live event)
         self._out_bytes = 0
         self._pending_events = 0
-        self._ready = anyio.Event()
+        self._last_seq = 0
+        self._held: list[tuple[bytes, bool]] | None = None
+        self._after: list[Callable[[], None]] = []
+        self._wake = anyio.Event()
+        self._drained = anyio.Event()
+        self._writer_done = anyio.Event()
+        self._busy = False
+        self._reader_done = False
         self._closing = False
-        self._held: list[bytes] | None = None  # events held while a subscribe reply is due
-        self._after_reply: list[bytes] = []
+        self._finished = False
+        self._linger = limits.linger
         self._scope: anyio.CancelScope | None = None
+        self._read_scope: anyio.CancelScope | None = None
 
-    # --- outbound ------------------------------------------------------------------------
+    # --- queueing (synchronous: called by the reader and by EventBus.publish) -----------
 
-    def _push(self, line: bytes, is_event: bool) -> None:
-        self._out.append((line, is_event))
+    def _enqueue(self, line: bytes, is_event: bool, *, hold: bool = True) -> None:
+        if self._finished:
+            return
         self._out_bytes += len(line)
-        if is_event:
-            self._pending_events += 1
-        if self._out_bytes > MAX_PENDING_BYTES:
-            log.warning("closing a %s connection that stopped reading", self.kind)
-            self.close()
-        self._ready.set()
-
-    def send_reply(self, line: bytes) -> None:
-        self._push(line + b"\n", False)
-        if self._after_reply or self._held is not None:
-            for queued in self._after_reply:
-                self._push(queued, True)
-            for queued in self._held or ():
-                self._push(queued, True)
-            self._after_reply = []
-            self._held = None
-
-    def hold_events_until_reply(self, replay: list[bytes]) -> None:
-        """For `subscribe`: the reply goes first, then `replay`, then live events."""
-        self._after_reply = replay
-        self._held = []
+        self._pending_events += is_event
+        if hold and self._held is not None:
+            self._held.append((line, is_event))
+        else:
+            self._out.append((line, is_event))
+            self._wake.set()
+        if self._out_bytes > self.limits.max_pending_bytes:
+            log.warning("closing %s connection %s: it stopped reading", *self._who())
+            self.abort()
 
     def deliver(self, seq: int, line: bytes) -> bool:
-        if self._closing:
-            return True
-        if self._pending_events >= self.subscriber_buffer:
+        if self._finished or self._closing:
+            return True  # going away; nothing to queue, nothing to report
+        if self._pending_events >= self.limits.subscriber_buffer:
             return False
-        if self._held is not None:
-            self._held.append(line)
-            self._pending_events += 1
-        else:
-            self._push(line, True)
+        self._last_seq = seq
+        self._enqueue(line, True)
         return True
 
     def dropped(self, reason: str) -> None:
-        self._push(self.bus.notice("subscription.dropped", {"reason": reason}), False)
+        data = {"reason": reason, "since": self._last_seq}
+        self._enqueue(self.bus.notice("subscription.dropped", data), False)
 
-    # --- lifecycle ----------------------------------------------------------------------
+    def hold_events(self, replay: list[bytes]) -> None:
+        """Queue `replay` after the current reply; hold live events behind it until then."""
+        if self._held is None:
+            self._held = []
+        for line in replay:
+            self._out_bytes += len(line)
+            self._held.append((line, False))  # asked for, so not charged to the budget
 
-    def close(self) -> None:
+    def after_reply(self, callback: Callable[[], None]) -> None:
+        self._after.append(callback)
+
+    def _reply(self, line: bytes | None) -> None:
+        if line is not None:
+            self._enqueue(line + b"\n", False, hold=False)
+        held, self._held = self._held, None
+        if held:
+            self._out.extend(held)
+            self._wake.set()
+        callbacks, self._after = self._after, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("an after-reply action failed")
+
+    # --- closing ---------------------------------------------------------------------
+
+    def close(self, notice: bytes | None = None, linger: float | None = None) -> None:
+        """Stop reading; flush what is queued (plus `notice`), then close, within `linger`.
+
+        A request being handled is finished and answered first.
+        """
+        if self._closing or self._finished:
+            return
+        if linger is not None:
+            self._linger = linger
         self._closing = True
-        self._ready.set()
+        self.bus.unsubscribe(self)
+        if notice is not None:
+            if self._busy:  # last: after the reply to the request being handled
+                self._after.append(lambda: self._enqueue(notice, False))
+            else:
+                self._enqueue(notice, False)
+        self._wake.set()
+        self._drained.set()  # a reader paused for backpressure looks again
+        if not self._busy:
+            self._interrupt_reader()
+
+    def abort(self) -> None:
+        """Close now, discarding queued output.
+
+        Shutting the socket down wakes both tasks with an error or EOF, so they end on
+        their own; a deadline is the backstop.
+        """
+        self._closing = True
+        self._finished = True  # nothing more is queued
+        self.bus.unsubscribe(self)
+        self._out.clear()
+        self._wake.set()
+        self._drained.set()
+        self._shutdown_socket(socket.SHUT_RDWR)
+        if self._scope is not None:
+            self._scope.deadline = min(self._scope.deadline, anyio.current_time() + 1.0)
+
+    def _interrupt_reader(self) -> None:
+        # anyio's Unix streams (raw sockets) log an InvalidStateError when a receive is
+        # cancelled just as data arrives; ending the read side gives the reader an EOF
+        # instead. TCP streams are cancel-safe and keep their read side for the linger.
+        if self.session.kind == "unix":
+            self._shutdown_socket(socket.SHUT_RD)
+        elif self._read_scope is not None:
+            self._read_scope.cancel()
+
+    def _shutdown_socket(self, how: int) -> None:
+        with contextlib.suppress(Exception):
+            self.stream.extra(anyio.abc.SocketAttribute.raw_socket).shutdown(how)
+
+    def _who(self) -> tuple[str, str]:
+        return self.session.kind, self.session.peer
+
+    # --- tasks ---------------------------------------------------------------------------
 
     async def run(self) -> None:
         try:
             async with anyio.create_task_group() as tg:
                 self._scope = tg.cancel_scope
-                tg.start_soon(self._writer)
-                await self._reader()
+                tg.start_soon(self._write_loop)
+                with anyio.CancelScope() as self._read_scope:
+                    await self._read_loop()
+                self._reader_done = True
                 self.close()
-        except Exception as exc:  # one client's trouble never reaches the listener
-            log.debug("%s connection ended: %r", self.kind, exc)
+                self._wake.set()
+                deadline = anyio.current_time() + self._linger
+                tg.cancel_scope.deadline = min(tg.cancel_scope.deadline, deadline)
+                await self._writer_done.wait()
+                await self._linger_close()
+                tg.cancel_scope.cancel()
+        except Exception as exc:  # one client's trouble must never reach the listener
+            log.warning("%s connection %s failed: %r", *self._who(), exc)
         finally:
+            self._finished = True
             self.bus.unsubscribe(self)
-            with contextlib.suppress(Exception):
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await self.stream.aclose()
 
-    async def _reader(self) -> None:
-        framer = LineFramer(self.max_line)
+    async def _read_loop(self) -> None:
+        framer = LineFramer(self.limits.max_line_bytes)
+        receive = self.stream.receive
         while not self._closing:
+            if self._out_bytes > self.limits.read_pause_bytes:
+                self._drained = anyio.Event()  # the client is not reading its replies
+                await self._drained.wait()
+                continue
             try:
-                data = await self.stream.receive(READ_CHUNK)
-            except (
-                anyio.EndOfStream,
-                anyio.BrokenResourceError,
-                anyio.ClosedResourceError,
-                ConnectionError,
-            ):
+                data = await receive(READ_CHUNK)
+            except _GONE:
                 return
             try:
                 lines = framer.feed(data)
-            except LineTooLong:
-                self.send_reply(
-                    self.dispatcher.error_line(
-                        ErrorCode.REQUEST_TOO_LARGE,
-                        f"request line longer than {self.max_line} bytes; closing",
-                        {"limit": self.max_line},
-                    )
-                )
+            except LineTooLong as exc:
+                await self._dispatch(exc.lines)
+                if not self._closing:
+                    message = f"request line over the {exc.limit}-byte limit; closing"
+                    error = ErrorCode.REQUEST_TOO_LARGE
+                    self._reply(self.dispatcher.error_line(error, message, {"limit": exc.limit}))
                 return
-            for line in lines:
-                reply = await self.dispatcher.handle_line(line, self)
-                if reply is not None:
-                    self.send_reply(reply)
-                elif self._held is not None:  # a subscribe sent as a notification
-                    self.send_reply_free()
-                if self._closing:
-                    return
+            await self._dispatch(lines)
 
-    def send_reply_free(self) -> None:
-        """Release held events when no reply will be sent."""
-        for queued in (*self._after_reply, *(self._held or ())):
-            self._push(queued, True)
-        self._after_reply, self._held = [], None
-
-    async def _writer(self) -> None:
-        while True:
-            if not self._out:
-                if self._closing:
-                    break
-                self._ready = anyio.Event()
-                await self._ready.wait()
-                continue
-            batch = []
-            events = 0
-            while self._out and len(batch) < 256:
-                line, is_event = self._out.popleft()
-                batch.append(line)
-                events += is_event
-            data = b"".join(batch)
-            self._out_bytes -= len(data)
+    async def _dispatch(self, lines: list[bytes]) -> None:
+        handle = self.dispatcher.handle_line
+        for line in lines:
+            if self._closing:
+                return
+            self._busy = True
             try:
-                await self.stream.send(data)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError):
-                break
-            self._pending_events -= events
-        if self._scope is not None:
-            self._scope.cancel()  # stop the reader too
+                reply = await handle(line, self.session)
+            finally:
+                self._busy = False
+            self._reply(reply)
+
+    async def _write_loop(self) -> None:
+        out = self._out
+        try:
+            while True:
+                if not out:
+                    if self._reader_done:  # nothing more can be queued but events
+                        return
+                    self._wake = anyio.Event()
+                    await self._wake.wait()
+                    continue
+                line, events = out.popleft()
+                if out:
+                    chunks = [line]
+                    size = len(line)
+                    while out and size < WRITE_BATCH_BYTES:
+                        line, is_event = out.popleft()
+                        chunks.append(line)
+                        size += len(line)
+                        events += is_event
+                    line = b"".join(chunks)
+                try:
+                    await self.stream.send(line)
+                except _GONE:
+                    self.abort()
+                    return
+                self._out_bytes -= len(line)
+                self._pending_events -= events
+                if self._out_bytes <= self.limits.read_pause_bytes:
+                    self._drained.set()
+        finally:
+            self._writer_done.set()
+
+    async def _linger_close(self) -> None:
+        with contextlib.suppress(*_GONE):
+            await self.stream.send_eof()
+            if self.session.kind == "unix":
+                return  # unread input does not reset a Unix socket's peer
+            while await self.stream.receive(READ_CHUNK):
+                pass  # until the client closes too (or the deadline)
+
+
+class ListenError(OSError):
+    """A listener could not be opened; the message says which and why."""
 
 
 class Server:
-    """Accepts connections on TCP and/or a Unix socket; runs each in the task group."""
+    """Accepts connections on TCP and/or a Unix socket and runs each one.
+
+    `serve()` runs in the caller's task group and reports the bound addresses through
+    `task_status.started({"tcp": [host, port] | None, "unix": path | None})`, so tests
+    can listen on port 0. `close()` stops accepting and says goodbye to every client.
+    """
 
     def __init__(
         self,
         dispatcher: Dispatcher,
         bus: EventBus,
         *,
-        max_line_bytes: int,
-        subscriber_buffer: int,
+        max_line_bytes: int = MAX_LINE_BYTES,
+        subscriber_buffer: int = 4096,
+        limits: Limits | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.bus = bus
-        self.max_line_bytes = max_line_bytes
-        self.subscriber_buffer = subscriber_buffer
-        self.connections: set[Connection] = set()
-        self._listeners: list[anyio.abc.Listener[Any]] = []
-        self._unix_path: Path | None = None
+        self.limits = limits or Limits(
+            max_line_bytes=max_line_bytes, subscriber_buffer=subscriber_buffer
+        )
+        self._connections: set[Connection] = set()
+        self._listeners: list[tuple[anyio.abc.SocketListener, str]] = []
+        self._unix: tuple[Path, int] | None = None  # the file we bound, and its inode
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._closing = False
+        self._idle = anyio.Event()
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
 
     async def serve(
         self,
         *,
         tcp: tuple[str, int] | None = None,
-        unix: Path | None = None,
-        sockets: list[socket.socket] | None = None,
+        unix: str | os.PathLike[str] | None = None,
+        sockets: Iterable[socket.socket] = (),
         task_status: anyio.abc.TaskStatus[dict[str, Any]] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
+        """Listen on `tcp` (host, port), `unix` (a path) and already-bound `sockets`
+        (socket activation), until `close()` or cancellation."""
         endpoint: dict[str, Any] = {"tcp": None, "unix": None}
         try:
-            for sock in sockets or []:
+            for sock in sockets:
                 kind = "unix" if sock.family == socket.AF_UNIX else "tcp"
-                self._listeners.append(anyio.abc.SocketListener.from_socket(sock))
-                endpoint[kind] = sock.getsockname()
+                self._listeners.append((await anyio.abc.SocketListener.from_socket(sock), kind))
+                name = sock.getsockname()
+                endpoint[kind] = endpoint[kind] or (name if kind == "unix" else list(name[:2]))
             if tcp is not None:
-                host, port = tcp
-                multi = await anyio.create_tcp_listener(local_host=host, local_port=port)
-                self._listeners.extend(multi.listeners)  # one per address family
-                bound = multi.listeners[0].extra(anyio.abc.SocketAttribute.local_address)
-                endpoint["tcp"] = [bound[0], bound[1]]
+                endpoint["tcp"] = await self._open_tcp(*tcp)
             if unix is not None:
-                self._listeners.append(await self._unix_listener(unix))
-                endpoint["unix"] = str(unix)
-        except OSError as exc:
-            await self._close_listeners()
-            raise OSError(exc.errno, f"cannot listen: {exc.strerror}") from None
-        async with anyio.create_task_group() as tg:
-            for listener in self._listeners:
-                kind = "unix" if self._is_unix(listener) else "tcp"
-                tg.start_soon(self._accept_loop, listener, kind)
-            task_status.started(endpoint)
-
-    @staticmethod
-    def _is_unix(listener: Any) -> bool:
-        with contextlib.suppress(Exception):
-            return listener.extra(anyio.abc.SocketAttribute.family) == socket.AF_UNIX
-        return False
-
-    async def _unix_listener(self, path: Path) -> anyio.abc.Listener[Any]:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists() or path.is_symlink():
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(str(path))
-            except OSError:
-                path.unlink()  # stale, left by a daemon that died
-            else:
-                raise OSError(errno.EADDRINUSE, f"another daemon answers on {path}")
-            finally:
-                probe.close()
-        old = os.umask(0o177)  # the socket is born 0600: no window where others can connect
-        try:
-            listener = await anyio.create_unix_listener(path)
+                endpoint["unix"] = await self._open_unix(Path(unix))
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                for listener, kind in self._listeners:
+                    tg.start_soon(self._accept_loop, listener, kind)
+                task_status.started(endpoint)
         finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
-        self._unix_path = path
-        return listener
+            with anyio.CancelScope(shield=True):
+                await self._close_listeners()
 
-    async def _accept_loop(self, listener: anyio.abc.Listener[Any], kind: str) -> None:
-        async with anyio.create_task_group() as tg:
-            while True:
-                try:
-                    stream = await listener.accept()  # type: ignore[attr-defined]
-                except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                    return
-                except OSError as exc:  # e.g. EMFILE: keep serving the clients we have
-                    log.warning("accept failed: %s", exc)
-                    await anyio.sleep(0.05)
-                    continue
-                if kind == "tcp":
-                    with contextlib.suppress(Exception):
-                        raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
-                        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                conn = Connection(
-                    stream,
-                    kind,
-                    self.dispatcher,
-                    self.bus,
-                    max_line=self.max_line_bytes,
-                    subscriber_buffer=self.subscriber_buffer,
-                )
-                tg.start_soon(self._run_connection, conn)
+    async def _open_tcp(self, host: str, port: int) -> list[Any]:
+        try:
+            multi = await anyio.create_tcp_listener(local_host=host, local_port=port)
+        except OSError as exc:
+            raise ListenError(
+                exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}"
+            ) from None
+        for listener in multi.listeners:  # one per address family
+            self._listeners.append((listener, "tcp"))  # type: ignore[arg-type]
+        bound = multi.listeners[0].extra(anyio.abc.SocketAttribute.local_address)
+        return [bound[0], bound[1]]
+
+    async def _open_unix(self, path: Path) -> str:
+        sock = _bind_unix(path)
+        self._unix = (path, os.stat(path).st_ino)
+        self._listeners.append((await anyio.abc.SocketListener.from_socket(sock), "unix"))
+        return str(path)
+
+    async def _accept_loop(self, listener: anyio.abc.SocketListener, kind: str) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                return
+            except OSError as exc:  # e.g. out of file descriptors: keep the clients we have
+                log.warning("accepting a %s connection failed: %s", kind, exc)
+                await anyio.sleep(0.1)
+                continue
+            peer = stream.extra(anyio.abc.SocketAttribute.remote_address, "")
+            conn = Connection(
+                stream,
+                kind,
+                f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "local"),
+                self.dispatcher,
+                self.bus,
+                self.limits,
+            )
+            assert self._tg is not None
+            self._tg.start_soon(self._run_connection, conn)
 
     async def _run_connection(self, conn: Connection) -> None:
-        self.connections.add(conn)
+        self._connections.add(conn)
         try:
+            if self._closing:
+                conn.close(linger=0)
             await conn.run()
         finally:
-            self.connections.discard(conn)
+            self._connections.discard(conn)
+            if self._closing and not self._connections:
+                self._idle.set()
 
     async def _close_listeners(self) -> None:
-        for listener in self._listeners:
+        listeners, self._listeners = self._listeners, []
+        for listener, _kind in listeners:
             with contextlib.suppress(Exception):
                 await listener.aclose()
-        self._listeners.clear()
-        if self._unix_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self._unix_path.unlink()
+        if self._unix is not None:
+            path, inode = self._unix
+            self._unix = None
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == inode:  # never another daemon's socket
+                    path.unlink()
 
     async def close(self, grace: float = 2.0) -> None:
-        """Stop accepting, let each connection flush what it has queued, then close."""
+        """Stop accepting, send every client a final notice, flush, close within `grace`.
+
+        Subscribed clients are expected to have had the daemon's `daemon.stopping` event
+        through the bus; the others get it here as a notice of their own (seq 0).
+        """
+        self._closing = True
         await self._close_listeners()
-        for conn in list(self.connections):
-            conn.close()
-        with anyio.move_on_after(grace):
-            while self.connections:
-                await anyio.sleep(0.01)
+        notice = self.bus.notice("daemon.stopping", {"reason": "the daemon is shutting down"})
+        for conn in list(self._connections):
+            conn.close(None if conn.session.subscribed else notice, linger=grace)
+        if self._connections:
+            with anyio.move_on_after(grace + 0.5):
+                await self._idle.wait()
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+
+
+def _bind_unix(path: Path, backlog: int = 1024) -> socket.socket:
+    """A listening Unix socket at `path`, mode 0600 from the moment it is reachable."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _remove_stale_socket(path)
+        private = Path(tempfile.mkdtemp(prefix=".w", dir=path.parent))  # mode 0700
+    except ListenError:
+        raise
+    except OSError as exc:
+        raise ListenError(exc.errno, f"cannot listen on {path}: {exc.strerror}") from None
+    temporary = private / "s"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(temporary))
+        os.chmod(temporary, 0o600)
+        os.rename(temporary, path)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(exc.errno, f"cannot listen on {path}: {exc.strerror}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        with contextlib.suppress(OSError):
+            private.rmdir()
+    return sock
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Unlink a socket file that nothing answers on; refuse if a daemon is live on it."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ListenError(errno.EEXIST, f"{path} exists and is not a socket; not replacing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # left behind by a daemon that died
+        return
+    except OSError as exc:
+        raise ListenError(
+            errno.EADDRINUSE, f"{path} is busy ({exc}); is a daemon running?"
+        ) from None
+    finally:
+        probe.close()
+    raise ListenError(errno.EADDRINUSE, f"another daemon is already listening on {path}")
