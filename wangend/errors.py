@@ -87,11 +87,13 @@ def invalid_params_from(exc: msgspec.ValidationError, prefix: str = "$.params") 
     names the field as the client sent it (`$.params.steps`)."""
     text = str(exc)
     message, sep, where = text.rpartition(" - at `")
-    if not sep:
-        return InvalidParams(text, field=prefix)
+    if not sep:  # at the top level msgspec names no path
+        message, where = text, "$`"
     path = where.rstrip("`")
     field = prefix + path[1:] if path.startswith("$") else path
-    unknown = message.partition("unknown field `")[2].rstrip("`")
-    if unknown:  # name the offending key itself, not just the object holding it
-        field = f"{field}.{unknown}"
+    for marker in ("unknown field `", "missing required field `"):
+        key = message.partition(marker)[2].rstrip("`")
+        if key:  # name the offending key itself, not just the object holding it
+            field = f"{field}.{key}"
+            break
     return InvalidParams(message, field=field)

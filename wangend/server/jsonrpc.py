@@ -142,16 +142,9 @@ def _valid_id(value: Any) -> bool:
 
 
 def _invalid_params(exc: msgspec.ValidationError) -> _Failure:
-    """-32602 naming the field; a key missing or unknown at the top of params is named
-    too (`$.params.prompt`), not just the object that lacks or holds it."""
+    """-32602 whose data names the field (`$.params.steps`, `$.params.prompt`)."""
     error = invalid_params_from(exc)
-    data = error.data or {"field": "$.params", "message": error.message}
-    if data.get("field") == "$.params":
-        for marker in ("unknown field `", "missing required field `"):
-            name = error.message.partition(marker)[2].partition("`")[0]
-            if name:
-                data = {**data, "field": f"$.params.{name}"}
-    return _Failure(ErrorCode.INVALID_PARAMS, error.message, data)
+    return _Failure(ErrorCode.INVALID_PARAMS, error.message, error.data)
 
 
 def _params_error(message: str, field: str = "$.params") -> _Failure:
