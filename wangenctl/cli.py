@@ -1,0 +1,503 @@
+"""wangenctl: drive a running wangend daemon from the shell.
+
+Each command says what to ask the daemon and hands the answer to a renderer; none
+touches a socket (the client does) or formats output (render.py does). `_run` is the one
+boundary where the client's errors become a line on stderr and an exit code:
+
+    0    ok
+    1    the followed job failed or was aborted, or the daemon answered with an error
+    2    no daemon reachable, its token refused, or a usage error
+    130  interrupted (Ctrl-C)
+
+The daemon is found at --url / $WANGEN_URL, else the default Unix socket when it exists,
+else tcp://127.0.0.1:7870 (with the token from --token-file / $WANGEN_TOKEN_FILE / the
+state dir). This module imports only typer and wangend.protocol at load time, so
+`wangenctl --help` and shell completion stay quick; anyio and rich load on use.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from wangend.protocol import JOB_STATES, TERMINAL_STATES, Event
+
+from .render import TERMINAL_EVENTS, Renderer, make_renderer
+
+if TYPE_CHECKING:
+    from .client import Client
+
+__all__ = ["app", "main"]
+
+EXIT_CODES = (
+    "Exit codes: 0 ok; 1 the followed job failed or was aborted, or the daemon answered "
+    "with an error; 2 no daemon reachable, token refused, or usage error; 130 interrupted."
+)
+
+app = typer.Typer(
+    name="wangenctl",
+    help="Drive the wangend video generation daemon: submit jobs, follow them, manage the queue.",
+    epilog=EXIT_CODES,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    url: str | None
+    token_file: str | None
+    json: bool
+
+
+@app.callback()
+def _options(
+    ctx: typer.Context,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url",
+            envvar="WANGEN_URL",
+            help="tcp://host:port or unix:///path (default: the state dir's socket if it "
+            "exists, else tcp://127.0.0.1:7870)",
+        ),
+    ] = None,
+    token_file: Annotated[
+        str | None,
+        typer.Option(
+            "--token-file",
+            envvar="WANGEN_TOKEN_FILE",
+            help="token for TCP (default: <state dir>/token)",
+        ),
+    ] = None,
+    json: Annotated[
+        bool, typer.Option("--json", help="print NDJSON: one JSON object per line")
+    ] = False,
+) -> None:
+    if url:
+        from .client import parse_url
+
+        try:
+            parse_url(url)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--url") from None
+    ctx.obj = Options(url=url or None, token_file=token_file or None, json=json)
+
+
+Work = Callable[["Client", Renderer], Awaitable[int | None]]
+
+
+def _run(ctx: typer.Context, work: Work) -> None:
+    """Connect, run `work`, and translate every failure into a line and an exit code.
+
+    This is the CLI's only error boundary: no traceback reaches the user for anything
+    the client can name.
+    """
+    import anyio
+
+    from .client import AuthError, DaemonUnavailable, WangenctlError, connect
+
+    opts: Options = ctx.obj
+    out = make_renderer(opts.json)
+
+    async def session() -> int | None:
+        async with connect(opts.url, opts.token_file) as client:
+            return await work(client, out)
+
+    try:
+        code = anyio.run(session)
+    except (DaemonUnavailable, AuthError) as exc:
+        out.error(str(exc))
+        raise typer.Exit(2) from None
+    except WangenctlError as exc:  # RpcError, ProtocolError
+        out.error(str(exc))
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    raise typer.Exit(code or 0)
+
+
+# --- following a job ---------------------------------------------------------------------
+
+
+class _JobStory:
+    """Which events belong to one job's story: its own, queue-wide changes, and the model
+    loads the worker does while it is that job's turn."""
+
+    def __init__(self, job: int) -> None:
+        self.job = job
+        self.on_worker = False
+
+    def wants(self, event: Event) -> bool:
+        if event.job == self.job:
+            if event.type == "job.started":
+                self.on_worker = True
+            elif event.type in TERMINAL_EVENTS:
+                self.on_worker = False
+            return True
+        if event.job is not None:
+            return False
+        return event.type.startswith(("queue.", "daemon.")) or (
+            self.on_worker and event.type.startswith("model.")
+        )
+
+
+async def _until_interrupted(fn: Callable[[], Awaitable[None]]) -> bool:
+    """Run `fn`; return True when Ctrl-C stopped it instead of it ending by itself.
+
+    SIGINT is taken as a message rather than a KeyboardInterrupt, so the caller can still
+    talk to the daemon afterwards (to abort the job it was following).
+    """
+    import anyio
+
+    interrupted = False
+    error: Exception | None = None
+    with anyio.open_signal_receiver(signal.SIGINT) as signals:
+        async with anyio.create_task_group() as tg:
+
+            async def on_signal() -> None:
+                nonlocal interrupted
+                async for _ in signals:
+                    interrupted = True
+                    tg.cancel_scope.cancel()
+                    return
+
+            tg.start_soon(on_signal)
+            try:
+                await fn()
+            except Exception as exc:  # raised below, outside the task group
+                error = exc
+            tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    return interrupted
+
+
+async def _follow(
+    client: Client,
+    out: Renderer,
+    opts: Options,
+    job: int,
+    since: int | None,
+    *,
+    abort_on_interrupt: bool,
+    seed: Any = None,
+) -> int:
+    """Show one job's events until it ends; 0 if it succeeded, 1 if not, 130 on Ctrl-C.
+
+    `client` must already be subscribed with `since`, so events published between that
+    and now (the job's own `job.queued`) are not lost.
+    """
+    from .client import EventFollower, RpcError, connect
+
+    story = _JobStory(job)
+    ending: list[Event] = []
+    with out.events(job) as view:
+        if seed is not None:
+            view.seed(seed)
+            story.on_worker = seed.state in ("running", "paused")
+        follower = EventFollower(opts.url, opts.token_file, since=since, on_notice=view.notice)
+
+        def handle(event: Event) -> bool:
+            if not story.wants(event):
+                return False
+            view.event(event)
+            if event.job == job and event.type in TERMINAL_EVENTS:
+                ending.append(event)
+                return True
+            return False
+
+        interrupted = await _until_interrupted(lambda: follower.run(handle, client))
+    if interrupted:
+        if not abort_on_interrupt:
+            out.notice(f"stopped following job {job}; it keeps running")
+            return 130
+        try:
+            if client.closed:  # the follower moved to a new connection
+                async with connect(opts.url, opts.token_file) as again:
+                    out.aborted(await again.abort(job))
+            else:
+                out.aborted(await client.abort(job))
+        except RpcError as exc:
+            out.error(f"could not abort job {job}: {exc}")
+        return 130
+    out.finished(ending[0])
+    return 0 if ending[0].type == "job.succeeded" else 1
+
+
+async def _enqueue_and_follow(
+    client: Client,
+    out: Renderer,
+    opts: Options,
+    enqueue: Callable[[], Awaitable[Any]],
+    follow: bool,
+    detach: bool,
+) -> int:
+    """Enqueue (submit or retry) and, with --follow, subscribe first so nothing is missed."""
+    if not follow:
+        out.enqueued(await enqueue())
+        return 0
+    subscribed = await client.subscribe()
+    result = await enqueue()
+    out.enqueued(result)
+    return await _follow(
+        client, out, opts, result.job, subscribed.last_seq, abort_on_interrupt=not detach
+    )
+
+
+# --- commands --------------------------------------------------------------------------------
+
+FollowOpt = Annotated[bool, typer.Option("--follow", "-f", help="show progress until the job ends")]
+DetachOpt = Annotated[
+    bool,
+    typer.Option("--detach", help="with --follow: Ctrl-C stops following, the job keeps running"),
+]
+
+
+@app.command()
+def submit(
+    ctx: typer.Context,
+    prompt: Annotated[str, typer.Argument(help="what the video shows")],
+    model: Annotated[str | None, typer.Option(help="registry name, hub id or folder")] = None,
+    negative: Annotated[str | None, typer.Option(help="negative prompt")] = None,
+    width: Annotated[int | None, typer.Option(help="pixels, a multiple of 16")] = None,
+    height: Annotated[int | None, typer.Option(help="pixels, a multiple of 16")] = None,
+    frames: Annotated[int | None, typer.Option(help="frame count, 4k+1")] = None,
+    steps: Annotated[int | None, typer.Option(help="denoising steps")] = None,
+    guidance: Annotated[float | None, typer.Option(help="guidance scale")] = None,
+    seed: Annotated[int | None, typer.Option(help="random when left out; recorded")] = None,
+    fps: Annotated[int | None, typer.Option(help="frames per second of the file")] = None,
+    flow_shift: Annotated[float | None, typer.Option(help="scheduler flow shift")] = None,
+    output_name: Annotated[
+        str | None, typer.Option(help="file name template: {job} {seed} {model} {date} ...")
+    ] = None,
+    priority: Annotated[int | None, typer.Option(help="-1000..1000, higher runs first")] = None,
+    follow: FollowOpt = False,
+    detach: DetachOpt = False,
+) -> None:
+    """Queue a generation and print its job id (with --follow: progress, then the paths).
+
+    Ctrl-C while following aborts the job, unless --detach.
+    """
+    fields = {
+        "prompt": prompt,
+        "model": model,
+        "negative_prompt": negative,
+        "width": width,
+        "height": height,
+        "frames": frames,
+        "steps": steps,
+        "guidance_scale": guidance,
+        "seed": seed,
+        "fps": fps,
+        "flow_shift": flow_shift,
+        "output_name": output_name,
+        "priority": priority,
+    }
+    spec = {k: v for k, v in fields.items() if v is not None}
+    opts: Options = ctx.obj
+    _run(
+        ctx,
+        lambda c, out: _enqueue_and_follow(c, out, opts, lambda: c.enqueue(spec), follow, detach),
+    )
+
+
+@app.command()
+def retry(
+    ctx: typer.Context,
+    job: Annotated[int, typer.Argument(help="a failed or aborted job")],
+    follow: FollowOpt = False,
+    detach: DetachOpt = False,
+) -> None:
+    """Queue a new job with the same settings (and seed); print its id."""
+    opts: Options = ctx.obj
+    _run(
+        ctx,
+        lambda c, out: _enqueue_and_follow(c, out, opts, lambda: c.retry(job), follow, detach),
+    )
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    job: Annotated[int | None, typer.Argument(help="show this job's record")] = None,
+) -> None:
+    """The daemon's summary (version, device, warm model, queue, running job), or a job."""
+
+    async def work(c: Client, out: Renderer) -> None:
+        if job is None:
+            out.status(await c.status())
+        else:
+            out.job(await c.job(job))
+
+    _run(ctx, work)
+
+
+@app.command("list")
+def list_jobs(
+    ctx: typer.Context,
+    state: Annotated[
+        list[str] | None,
+        typer.Option("--state", "-s", help=f"only these states ({', '.join(JOB_STATES)})"),
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="at most this many")] = 100,
+) -> None:
+    """Jobs: queued ones in run order, then the rest newest first."""
+    bad = [s for s in state or [] if s not in JOB_STATES]
+    if bad:
+        raise typer.BadParameter(
+            f"unknown state {bad[0]!r}; one of {', '.join(JOB_STATES)}", param_hint="--state"
+        )
+
+    async def work(c: Client, out: Renderer) -> None:
+        out.jobs((await c.jobs(state or None, limit)).jobs)
+
+    _run(ctx, work)
+
+
+@app.command()
+def watch(
+    ctx: typer.Context,
+    job: Annotated[int | None, typer.Argument(help="follow only this job")] = None,
+) -> None:
+    """Stream events with progress bars; reconnects and resumes if the link drops.
+
+    With JOB: ends when the job does (exit 0 if it succeeded, 1 if not).
+    """
+    opts: Options = ctx.obj
+
+    async def work(c: Client, out: Renderer) -> int:
+        from .client import EventFollower
+
+        subscribed = await c.subscribe()
+        if job is not None:
+            record = await c.job(job)
+            if record.state in TERMINAL_STATES:
+                out.finished(record)
+                return 0 if record.state == "succeeded" else 1
+            return await _follow(
+                c, out, opts, job, subscribed.last_seq, abort_on_interrupt=False, seed=record
+            )
+        with out.events(None) as view:
+            status = await c.status()
+            if status.running is not None:
+                view.seed(await c.job(status.running.job))
+            follower = EventFollower(
+                opts.url, opts.token_file, since=subscribed.last_seq, on_notice=view.notice
+            )
+
+            def show(event: Event) -> bool:
+                view.event(event)
+                return False
+
+            await _until_interrupted(lambda: follower.run(show, c))
+        return 130
+
+    _run(ctx, work)
+
+
+@app.command()
+def pause(
+    ctx: typer.Context,
+    after_current: Annotated[
+        bool,
+        typer.Option("--after-current", help="let the running job finish, start nothing new"),
+    ] = False,
+) -> None:
+    """Hold the running job at its next step and start nothing new."""
+    mode = "after_current" if after_current else "now"
+
+    async def work(c: Client, out: Renderer) -> None:
+        out.queue_state(await c.pause(mode))
+
+    _run(ctx, work)
+
+
+@app.command()
+def resume(ctx: typer.Context) -> None:
+    """Continue the held job from the same step, and the queue after it."""
+
+    async def work(c: Client, out: Renderer) -> None:
+        out.queue_state(await c.resume())
+
+    _run(ctx, work)
+
+
+@app.command()
+def abort(
+    ctx: typer.Context,
+    job: Annotated[int | None, typer.Argument(help="default: the running job")] = None,
+) -> None:
+    """Abort the running job (or cancel a queued one); the queue goes on."""
+
+    async def work(c: Client, out: Renderer) -> None:
+        out.aborted(await c.abort(job))
+
+    _run(ctx, work)
+
+
+@app.command()
+def clear(ctx: typer.Context) -> None:
+    """Cancel every queued job (the running one is left alone)."""
+
+    async def work(c: Client, out: Renderer) -> None:
+        out.cleared(await c.clear())
+
+    _run(ctx, work)
+
+
+@app.command()
+def move(
+    ctx: typer.Context,
+    job: Annotated[int, typer.Argument(help="a queued job")],
+    position: Annotated[int, typer.Argument(min=0, help="0 = next to run")],
+) -> None:
+    """Move a queued job to another place in the queue."""
+
+    async def work(c: Client, out: Renderer) -> None:
+        out.moved(await c.move(job, position))
+
+    _run(ctx, work)
+
+
+@app.command()
+def models(ctx: typer.Context) -> None:
+    """The models the daemon knows, whether they are on disk and which one is warm."""
+
+    async def work(c: Client, out: Renderer) -> None:
+        out.models((await c.models()).models)
+
+    _run(ctx, work)
+
+
+@app.command()
+def shutdown(
+    ctx: typer.Context,
+    finish: Annotated[
+        bool,
+        typer.Option("--finish", help="let the running job end first (default: requeue it)"),
+    ] = False,
+) -> None:
+    """Stop the daemon; a running job is held and requeued for the next start."""
+    mode = "finish" if finish else "graceful"
+
+    async def work(c: Client, out: Renderer) -> None:
+        await c.shutdown(mode)
+        out.stopping(mode)
+
+    _run(ctx, work)
+
+
+def main() -> None:
+    """The `wangenctl` console script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,614 @@
+"""The async client for wangend: one connection, calls by id, events alongside.
+
+    async with connect() as client:            # WANGEN_URL, else the socket, else TCP
+        status = await client.status()
+        await client.subscribe(since=status.last_seq)
+        async for event in client.events():
+            ...
+
+A connection carries replies and pushed events interleaved on one stream. One reader
+task owns the receiving side and routes each line: a reply wakes the call waiting on its
+id, an event goes into an unbounded stream that `events()` reads. So a caller can await a
+call while events pile up, and none is lost or mistaken for a reply.
+
+TCP and Unix sockets differ only in their `Transport` (how the byte stream is opened and
+whether the daemon wants a token); everything above works on any byte stream.
+
+Errors (wangenctl.errors, re-exported here):
+
+    WangenctlError
+    ├── DaemonUnavailable   nothing answers at the address, or the daemon hung up
+    ├── AuthError           the TCP token is missing, unreadable or refused
+    ├── RpcError            the daemon answered with a JSON-RPC error (code, message, data)
+    └── ProtocolError       the daemon sent something the protocol does not allow
+"""
+
+from __future__ import annotations
+
+import abc
+import itertools
+import math
+import os
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, TypeVar
+from urllib.parse import urlsplit
+
+import anyio
+import anyio.abc
+import msgspec
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from wangend.protocol import (
+    DEFAULT_PORT,
+    ClearResult,
+    EnqueueResult,
+    ErrorCode,
+    Event,
+    JobRecord,
+    JobsResult,
+    ModelsResult,
+    MoveResult,
+    OkResult,
+    QueueStateResult,
+    StatusResult,
+    SubscribeResult,
+    default_socket_path,
+    default_token_file,
+)
+
+from .errors import (
+    AuthError,
+    DaemonUnavailable,
+    ProtocolError,
+    RpcError,
+    WangenctlError,
+    translate_socket_errors,
+)
+
+__all__ = [
+    "AuthError",
+    "Client",
+    "DaemonUnavailable",
+    "Endpoint",
+    "EventFollower",
+    "ProtocolError",
+    "Resolved",
+    "RpcError",
+    "TcpTransport",
+    "Transport",
+    "UnixTransport",
+    "WangenctlError",
+    "connect",
+    "parse_url",
+    "read_token",
+    "resolve_endpoint",
+    "resolve_token_file",
+    "transport_for",
+]
+
+T = TypeVar("T")
+
+# Replies can be much longer than a request (a `jobs` listing of 10,000 records), so the
+# client's cap is generous; it exists so a broken peer cannot make us buffer forever.
+MAX_INCOMING_LINE = 256 * 1024 * 1024
+CONNECT_TIMEOUT = 10.0
+
+# --- where the daemon is ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One address: `tcp://host:port` or `unix:///path`."""
+
+    scheme: Literal["tcp", "unix"]
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    @property
+    def url(self) -> str:
+        if self.scheme == "unix":
+            return f"unix://{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp://{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return self.url
+
+
+def parse_url(url: str) -> Endpoint:
+    """`tcp://host[:port]`, `unix:///path`, or a bare socket path; ValueError otherwise."""
+    text = url.strip()
+    if not text:
+        raise ValueError("empty daemon URL")
+    if "://" not in text:
+        return Endpoint("unix", path=str(Path(text).expanduser()))
+    scheme, _, rest = text.partition("://")
+    scheme = scheme.lower()
+    if scheme == "unix":
+        if not rest:
+            raise ValueError(f"no socket path in {url!r}: use unix:///path/to/wangend.sock")
+        return Endpoint("unix", path=str(Path(rest).expanduser()))
+    if scheme == "tcp":
+        parts = urlsplit(text)
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError(f"unexpected path in {url!r}: use tcp://host:port")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"bad port in {url!r}: use tcp://host:port") from None
+        return Endpoint("tcp", host=parts.hostname or "127.0.0.1", port=port or DEFAULT_PORT)
+    raise ValueError(
+        f"unsupported scheme {scheme!r} in {url!r}: use tcp://host:port or unix:///path"
+    )
+
+
+class Resolved(NamedTuple):
+    endpoint: Endpoint
+    where: str  # what the error message says the client looked at
+
+
+def resolve_endpoint(url: str | None = None, env: Mapping[str, str] | None = None) -> Resolved:
+    """The explicit URL, else `$WANGEN_URL`, else the default Unix socket when it exists,
+    else TCP on 127.0.0.1 at the default port.
+
+    The socket is preferred because it needs no token and is private to the user; the
+    TCP fallback finds a daemon started with `--no-socket` or in another state dir.
+    """
+    env = os.environ if env is None else env
+    url = url or env.get("WANGEN_URL") or None
+    if url:
+        endpoint = parse_url(url)
+        return Resolved(endpoint, endpoint.url)
+    unix = Endpoint("unix", path=str(default_socket_path(env)))
+    if Path(unix.path).exists():
+        return Resolved(unix, unix.url)
+    tcp = Endpoint("tcp", host="127.0.0.1", port=DEFAULT_PORT)
+    return Resolved(tcp, f"{unix.url} or {tcp.url}")
+
+
+def resolve_token_file(
+    token_file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Path:
+    """The explicit file, else `$WANGEN_TOKEN_FILE`, else `<state dir>/token`."""
+    if token_file:
+        return Path(token_file).expanduser()
+    return default_token_file(env)
+
+
+def read_token(path: Path) -> str:
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        reason = exc.strerror.lower() if exc.strerror else type(exc).__name__
+        raise AuthError(
+            f"cannot read the token file {path} ({reason}); pass --token-file, "
+            "or use the Unix socket, which needs no token"
+        ) from None
+    if not token:
+        raise AuthError(f"the token file {path} is empty")
+    return token
+
+
+# --- transports ---------------------------------------------------------------------------
+
+
+class Transport(abc.ABC):
+    """How the byte stream to the daemon is opened. Everything else is shared."""
+
+    needs_auth: bool = False
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+
+    @abc.abstractmethod
+    async def open(self) -> anyio.abc.ByteStream: ...
+
+
+class TcpTransport(Transport):
+    needs_auth = True  # any local user can reach a TCP port; the token proves who calls
+
+    async def open(self) -> anyio.abc.ByteStream:
+        return await anyio.connect_tcp(self.endpoint.host, self.endpoint.port)
+
+
+class UnixTransport(Transport):
+    async def open(self) -> anyio.abc.ByteStream:
+        return await anyio.connect_unix(self.endpoint.path)
+
+
+def transport_for(endpoint: Endpoint) -> Transport:
+    return TcpTransport(endpoint) if endpoint.scheme == "tcp" else UnixTransport(endpoint)
+
+
+# --- wire envelopes ------------------------------------------------------------------------
+
+
+class _Request(msgspec.Struct, omit_defaults=True):
+    jsonrpc: str
+    id: int
+    method: str
+    params: Any = None
+
+
+class _ErrorObject(msgspec.Struct):
+    code: int
+    message: str
+    data: Any = None
+
+
+class _Incoming(msgspec.Struct):
+    """Any line from the daemon: a reply (id + result|error) or a notification."""
+
+    jsonrpc: str = ""
+    id: int | str | None = None
+    method: str | None = None
+    params: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b""))
+    result: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b""))
+    error: _ErrorObject | None = None
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    done: anyio.Event = field(default_factory=anyio.Event)
+    reply: _Incoming | None = None
+    failure: WangenctlError | None = None
+
+
+_encode = msgspec.json.Encoder().encode
+_decode_incoming = msgspec.json.Decoder(_Incoming).decode
+_decode_event = msgspec.json.Decoder(Event).decode
+
+
+# --- the client ------------------------------------------------------------------------------
+
+
+class Client:
+    """One open connection. Build it with `connect()`, which also runs its reader."""
+
+    def __init__(self, stream: anyio.abc.ByteStream, where: str) -> None:
+        self.where = where
+        self._stream = stream
+        self._receive = BufferedByteReceiveStream(stream)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._send_lock = anyio.Lock()
+        self._events_in, self._events_out = anyio.create_memory_object_stream[Event](math.inf)
+        self._failure: WangenctlError | None = None
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection has ended (the daemon went away or broke protocol)."""
+        return self._failure is not None
+
+    # --- calls ---------------------------------------------------------------------------
+
+    async def call(
+        self,
+        method: str,
+        params: msgspec.Struct | Mapping[str, Any] | None = None,
+        result_type: type[T] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        """Send one request and wait for its reply; events keep flowing meanwhile.
+
+        Returns the result decoded into `result_type` (a protocol Struct), or as plain
+        JSON values without one. Raises RpcError for an error reply.
+        """
+        if self._failure is not None:
+            raise self._failure
+        request_id = next(self._ids)
+        line = _encode(_Request("2.0", request_id, method, params)) + b"\n"
+        pending = self._pending[request_id] = _Pending()
+        try:
+            async with self._send_lock:
+                with translate_socket_errors(self.where, connected=True):
+                    await self._stream.send(line)
+            with anyio.fail_after(timeout):
+                await pending.done.wait()
+        except DaemonUnavailable:
+            raise self._failure or DaemonUnavailable(self.where, lost=True) from None
+        except TimeoutError:
+            reason = f"no reply to {method} within {timeout:g}s"
+            raise DaemonUnavailable(self.where, reason, lost=True) from None
+        finally:
+            self._pending.pop(request_id, None)
+        if pending.failure is not None:
+            raise pending.failure
+        assert pending.reply is not None
+        if pending.reply.error is not None:
+            err = pending.reply.error
+            raise RpcError(err.code, err.message, err.data)
+        raw = pending.reply.result
+        if not raw:
+            raise ProtocolError(f"the reply to {method} has neither result nor error")
+        try:
+            if result_type is None:
+                return msgspec.json.decode(raw)
+            return msgspec.json.decode(raw, type=result_type)
+        except msgspec.DecodeError as exc:
+            raise ProtocolError(f"unexpected reply to {method}: {exc}") from None
+
+    # --- events ----------------------------------------------------------------------------
+
+    async def subscribe(
+        self, since: int | None = None, jobs: list[int] | None = None
+    ) -> SubscribeResult:
+        """Start (or re-filter) this connection's event stream.
+
+        With `since`, the daemon first replays what it still holds after that seq; the
+        replayed events arrive after this reply and before any live one.
+        """
+        params: dict[str, Any] = {}
+        if since is not None:
+            params["since"] = since
+        if jobs is not None:
+            params["jobs"] = jobs
+        return await self.call("subscribe", params, SubscribeResult)
+
+    async def unsubscribe(self) -> None:
+        await self.call("unsubscribe", None, OkResult)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Events in arrival order; raises DaemonUnavailable when the connection is lost.
+
+        There is one stream per connection: two consumers would split it between them.
+        """
+        async for event in self._events_out:
+            yield event
+        if self._failure is not None:
+            raise self._failure
+
+    # --- typed methods, one per daemon method ----------------------------------------------
+
+    async def enqueue(self, spec: msgspec.Struct | Mapping[str, Any]) -> EnqueueResult:
+        return await self.call("enqueue", spec, EnqueueResult)
+
+    async def status(self) -> StatusResult:
+        return await self.call("status", None, StatusResult)
+
+    async def job(self, job: int) -> JobRecord:
+        return await self.call("status", {"job": job}, JobRecord)
+
+    async def jobs(self, states: list[str] | None = None, limit: int = 100) -> JobsResult:
+        params: dict[str, Any] = {"limit": limit}
+        if states:
+            params["state"] = states
+        return await self.call("jobs", params, JobsResult)
+
+    async def pause(self, mode: str = "now") -> QueueStateResult:
+        return await self.call("pause", {"mode": mode}, QueueStateResult)
+
+    async def resume(self) -> QueueStateResult:
+        return await self.call("resume", None, QueueStateResult)
+
+    async def abort(self, job: int | None = None) -> JobRecord:
+        return await self.call("abort", {} if job is None else {"job": job}, JobRecord)
+
+    async def clear(self) -> ClearResult:
+        return await self.call("clear", None, ClearResult)
+
+    async def retry(self, job: int) -> EnqueueResult:
+        return await self.call("retry", {"job": job}, EnqueueResult)
+
+    async def move(self, job: int, position: int) -> MoveResult:
+        return await self.call("move", {"job": job, "position": position}, MoveResult)
+
+    async def models(self) -> ModelsResult:
+        return await self.call("models", None, ModelsResult)
+
+    async def shutdown(self, mode: str = "graceful") -> OkResult:
+        return await self.call("shutdown", {"mode": mode}, OkResult)
+
+    # --- the reader ----------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        """Route every incoming line until the connection ends; never raises."""
+        try:
+            while True:
+                with translate_socket_errors(self.where, connected=True):
+                    try:
+                        line = await self._receive.receive_until(b"\n", MAX_INCOMING_LINE)
+                    except anyio.DelimiterNotFound:
+                        raise ProtocolError("the daemon sent an over-long line") from None
+                self._route(line)
+        except WangenctlError as exc:
+            self._fail(exc)
+
+    def _route(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        try:
+            message = _decode_incoming(line)
+            if message.method == "event":
+                self._events_in.send_nowait(_decode_event(message.params))
+                return
+        except msgspec.DecodeError as exc:
+            raise ProtocolError(f"the daemon sent a line that is not JSON-RPC ({exc})") from None
+        if message.method is not None:
+            return  # a notification this client does not know: ignore, as JSON-RPC allows
+        if message.id is None:
+            # The daemon could not read one of our requests at all (a parse error).
+            text = message.error.message if message.error else "no id in reply"
+            raise ProtocolError(f"the daemon could not read a request: {text}")
+        pending = self._pending.get(message.id) if isinstance(message.id, int) else None
+        if pending is not None:  # None: the caller gave up waiting (timeout, cancel)
+            pending.reply = message
+            pending.done.set()
+
+    def _fail(self, failure: WangenctlError) -> None:
+        self._failure = failure
+        for pending in self._pending.values():
+            pending.failure = failure
+            pending.done.set()
+        self._events_in.close()
+
+    async def _authenticate(self, token_file: Path) -> None:
+        token = read_token(token_file)
+        try:
+            await self.call("auth", {"token": token}, OkResult)
+        except RpcError as exc:
+            if exc.code == ErrorCode.UNAUTHORIZED:
+                raise AuthError(
+                    f"the daemon at {self.where} refused the token in {token_file}"
+                ) from None
+            raise
+
+
+@asynccontextmanager
+async def connect(
+    url: str | None = None,
+    token_file: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    connect_timeout: float = CONNECT_TIMEOUT,
+    transport_factory: Callable[[Endpoint], Transport] = transport_for,
+) -> AsyncIterator[Client]:
+    """Open a connection (and authenticate on TCP) for the body of an `async with`.
+
+    Raises DaemonUnavailable naming where it looked, AuthError, or ValueError for a URL
+    that cannot be parsed. Exceptions from the body come out unwrapped.
+    """
+    resolved = resolve_endpoint(url, env)
+    transport = transport_factory(resolved.endpoint)
+    with translate_socket_errors(resolved.where, connected=False):
+        with anyio.fail_after(connect_timeout):
+            stream = await transport.open()
+    client = Client(stream, resolved.endpoint.url)
+    body_error: Exception | None = None
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client._read_loop)
+            try:
+                if transport.needs_auth:
+                    await client._authenticate(resolve_token_file(token_file, env))
+                yield client
+            except Exception as exc:
+                # Re-raised below, outside the task group, so callers never see it
+                # wrapped in an ExceptionGroup.
+                body_error = exc
+            finally:
+                tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await stream.aclose()
+    if body_error is not None:
+        raise body_error
+
+
+# --- following events across reconnects ---------------------------------------------------
+
+
+class EventFollower:
+    """Hands every event of a subscription to `handle` once and in order, across reconnects.
+
+    When the connection drops (the daemon restarts, a subscriber is dropped for falling
+    behind), it reconnects and resubscribes with `since` = the last seq it delivered, so
+    the daemon's ring buffer fills the gap; replayed events it already delivered are
+    skipped. A restarted daemon numbers its events afresh, so then it replays everything
+    the new process holds. A daemon that was never reached fails at once (nothing to
+    resume); one that goes away is retried for `retry_for` seconds, and `on_notice` is
+    told why the stream paused so a person watching is not left guessing.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token_file: str | os.PathLike[str] | None = None,
+        *,
+        jobs: list[int] | None = None,
+        since: int | None = None,
+        env: Mapping[str, str] | None = None,
+        retry_for: float = 30.0,
+        on_notice: Callable[[str], None] | None = None,
+    ) -> None:
+        self.url = url
+        self.token_file = token_file
+        self.jobs = jobs
+        self.env = env
+        self.retry_for = retry_for
+        self.on_notice = on_notice or (lambda _text: None)
+        self.last_seq: int | None = since
+        self.reconnects = 0
+        self._pid: int | None = None  # the daemon process the sequence numbers belong to
+
+    async def run(self, handle: Callable[[Event], bool], client: Client | None = None) -> None:
+        """Deliver events until `handle` returns True.
+
+        `client`, when given, is a connection the caller has already subscribed (with
+        `since` = this follower's `since`); it is used first, so a caller can subscribe,
+        then enqueue, then follow without missing the events in between.
+        """
+        connected_once = client is not None
+        # Reconnect to the address that answered, not to a fresh default lookup: while
+        # the daemon restarts its socket file is briefly missing.
+        url = client.where if client is not None else self.url
+        lost_at: float | None = None
+        delay = 0.1
+        while True:
+            try:
+                if client is not None:
+                    first, client = client, None
+                    self._pid = (await first.status()).pid
+                    if await self._pump(first, handle):
+                        return
+                else:
+                    async with connect(url, self.token_file, env=self.env) as fresh:
+                        await self._subscribe(fresh)
+                        if lost_at is not None:
+                            self.reconnects += 1
+                            self.on_notice(f"reconnected to {fresh.where}")
+                        connected_once, lost_at, delay = True, None, 0.1
+                        url = fresh.where
+                        if await self._pump(fresh, handle):
+                            return
+            except DaemonUnavailable as exc:
+                if not connected_once:
+                    raise
+                now = anyio.current_time()
+                if lost_at is None:
+                    lost_at = now
+                    self.on_notice(f"{exc}; reconnecting")
+                elif now - lost_at >= self.retry_for:
+                    raise
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _subscribe(self, client: Client) -> None:
+        # Sequence numbers belong to one daemon process: after a restart they begin again
+        # at 1, so `since` from the old process would skip everything. A new pid (or a
+        # sequence behind ours) means "replay all the new process has".
+        status = await client.status()
+        restarted = self._pid is not None and status.pid != self._pid
+        if self.last_seq is not None and (restarted or status.last_seq < self.last_seq):
+            self.on_notice("the daemon restarted; catching up from its start")
+            self.last_seq = 0
+        self._pid = status.pid
+        result = await client.subscribe(since=self.last_seq, jobs=self.jobs)
+        if self.last_seq is None:
+            self.last_seq = result.last_seq
+        elif not result.complete:
+            self.on_notice(
+                f"the daemon no longer holds the events after #{self.last_seq}; "
+                "some progress was missed"
+            )
+
+    async def _pump(self, client: Client, handle: Callable[[Event], bool]) -> bool:
+        """True when `handle` asked to stop; raises DaemonUnavailable when the link ends."""
+        async for event in client.events():
+            if event.seq == 0:
+                # Out-of-sequence notices for this connection only.
+                if event.type == "subscription.dropped":
+                    self.on_notice("the daemon dropped this subscription; resubscribing")
+                    await self._subscribe(client)
+                continue
+            if self.last_seq is not None and event.seq <= self.last_seq:
+                continue  # already delivered before a reconnect
+            self.last_seq = event.seq
+            if handle(event):
+                return True
+        raise DaemonUnavailable(client.where, lost=True)

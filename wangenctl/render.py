@@ -1,0 +1,534 @@
+"""How answers and events look: tables and progress bars for people, NDJSON for programs.
+
+cli.py decides what to ask the daemon; a `Renderer` decides how the answer is shown, so
+the command bodies hold no formatting and `--json` is one switch, not a branch per
+command.
+
+People (`HumanRenderer`): data on stdout (a job id, output paths, tables), progress and
+notices on stderr. So `JOB=$(wangenctl submit ...)` captures the id and
+`wangenctl submit --follow ... > paths.txt` captures only the paths, while the terminal
+still shows the bars. Live bars need a terminal; elsewhere (logs, pipes) each phase
+change is one plain line.
+
+Programs (`JsonRenderer`): every result, record and event is one compact JSON object
+per line on stdout, encoded by msgspec straight from the protocol Structs; lists (`list`,
+`models`) are one line per item so `jq` and line-by-line readers need no framing.
+
+rich is imported only when something is drawn: `wangenctl --json ...` never loads it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Protocol
+
+import msgspec
+
+from wangend.protocol import (
+    TERMINAL_STATES,
+    ClearResult,
+    EnqueueResult,
+    Event,
+    JobRecord,
+    ModelInfo,
+    MoveResult,
+    QueueStateResult,
+    StatusResult,
+)
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
+
+__all__ = [
+    "EventView",
+    "HumanRenderer",
+    "JsonRenderer",
+    "Renderer",
+    "format_seconds",
+    "make_renderer",
+]
+
+TERMINAL_EVENTS = frozenset({"job.succeeded", "job.failed", "job.aborted"})
+# Phases the plain (non-terminal) view leaves out: their own event already made a line.
+_ANNOUNCED = frozenset({"starting", "loading model", "paused"})
+
+
+def format_seconds(seconds: float | None) -> str:
+    """`8s`, `3m04s`, `1h02m`: short enough for a progress column."""
+    if seconds is None:
+        return "-"
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _error_text(data: dict[str, Any]) -> str:
+    error = data.get("error") or {}
+    if isinstance(error, dict):
+        return f"{error.get('type', 'Error')}: {error.get('message', '')}".rstrip(": ")
+    return str(error)
+
+
+class EventView(Protocol):
+    """Shows a stream of events; a context manager so live displays are torn down."""
+
+    def __enter__(self) -> EventView: ...
+    def __exit__(self, *exc: object) -> None: ...
+    def seed(self, record: JobRecord) -> None: ...
+    def event(self, event: Event) -> None: ...
+    def notice(self, text: str) -> None: ...
+
+
+class Renderer(Protocol):
+    def enqueued(self, result: EnqueueResult) -> None: ...
+    def status(self, result: StatusResult) -> None: ...
+    def job(self, record: JobRecord) -> None: ...
+    def jobs(self, records: list[JobRecord]) -> None: ...
+    def models(self, models: list[ModelInfo]) -> None: ...
+    def queue_state(self, result: QueueStateResult) -> None: ...
+    def aborted(self, record: JobRecord) -> None: ...
+    def cleared(self, result: ClearResult) -> None: ...
+    def moved(self, result: MoveResult) -> None: ...
+    def stopping(self, mode: str) -> None: ...
+    def finished(self, record_or_event: JobRecord | Event) -> None: ...
+    def notice(self, text: str) -> None: ...
+    def error(self, text: str) -> None: ...
+    def events(self, job: int | None) -> EventView: ...
+
+
+def make_renderer(json_mode: bool) -> Renderer:
+    return JsonRenderer() if json_mode else HumanRenderer()
+
+
+# --- NDJSON -----------------------------------------------------------------------------
+
+
+class JsonRenderer:
+    """One JSON object per line on stdout; notices and errors stay on stderr as text."""
+
+    def __init__(self) -> None:
+        self._encode = msgspec.json.Encoder().encode
+
+    def emit(self, obj: Any) -> None:
+        sys.stdout.write(self._encode(obj).decode() + "\n")
+        sys.stdout.flush()
+
+    def enqueued(self, result: EnqueueResult) -> None:
+        self.emit(result)
+
+    def status(self, result: StatusResult) -> None:
+        self.emit(result)
+
+    def job(self, record: JobRecord) -> None:
+        self.emit(record)
+
+    def jobs(self, records: list[JobRecord]) -> None:
+        for record in records:
+            self.emit(record)
+
+    def models(self, models: list[ModelInfo]) -> None:
+        for model in models:
+            self.emit(model)
+
+    def queue_state(self, result: QueueStateResult) -> None:
+        self.emit(result)
+
+    def aborted(self, record: JobRecord) -> None:
+        self.emit(record)
+
+    def cleared(self, result: ClearResult) -> None:
+        self.emit(result)
+
+    def moved(self, result: MoveResult) -> None:
+        self.emit(result)
+
+    def stopping(self, mode: str) -> None:
+        self.emit({"ok": True, "mode": mode})
+
+    def finished(self, record_or_event: JobRecord | Event) -> None:
+        # A followed job's end was already printed as its event; a record (the job had
+        # ended before `watch` started) is printed whole.
+        if isinstance(record_or_event, JobRecord):
+            self.emit(record_or_event)
+
+    def notice(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def error(self, text: str) -> None:
+        print(f"error: {text}", file=sys.stderr, flush=True)
+
+    def events(self, job: int | None) -> EventView:
+        return _JsonEvents(self)
+
+
+class _JsonEvents:
+    def __init__(self, out: JsonRenderer) -> None:
+        self._out = out
+
+    def __enter__(self) -> _JsonEvents:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def seed(self, record: JobRecord) -> None:
+        self._out.emit(record)
+
+    def event(self, event: Event) -> None:
+        self._out.emit(event)
+
+    def notice(self, text: str) -> None:
+        self._out.notice(text)
+
+
+# --- people --------------------------------------------------------------------------------
+
+
+class HumanRenderer:
+    """rich tables on stdout; notices, errors and progress on stderr."""
+
+    @cached_property
+    def out(self) -> Console:
+        from rich.console import Console
+
+        console = Console(highlight=False)
+        if not console.is_terminal:
+            # Piped into a file or `less`: rows whole, not folded at a guessed 80 columns.
+            console = Console(highlight=False, width=1000)
+        return console
+
+    @cached_property
+    def err(self) -> Console:
+        from rich.console import Console
+
+        # soft_wrap: an error or notice is one line however narrow the terminal.
+        return Console(stderr=True, highlight=False, soft_wrap=True)
+
+    def line(self, text: str) -> None:
+        """One line of data on stdout, never wrapped (paths must survive copy and paste)."""
+        self.out.print(text, markup=False, soft_wrap=True)
+
+    def enqueued(self, result: EnqueueResult) -> None:
+        self.line(str(result.job))
+
+    def status(self, result: StatusResult) -> None:
+        q = result.queue
+        if result.paused:
+            held = "after the current job" if result.pause_mode == "after_current" else "now"
+            state = f"paused ({held})"
+        else:
+            state = "running"
+        rows = [
+            (
+                "daemon",
+                f"wangend {result.version}, pid {result.pid}, up {format_seconds(result.uptime)}",
+            ),
+            ("device", result.device),
+            ("model", f"{result.model} (warm)" if result.model else "none loaded"),
+            ("queue", state),
+            (
+                "jobs",
+                f"{q.queued} queued, {q.running} running, {q.paused} paused, "
+                f"{q.succeeded} succeeded, {q.failed} failed, {q.aborted} aborted",
+            ),
+        ]
+        run = result.running
+        if run is not None:
+            steps = f"{run.step}/{run.steps}" if run.steps else "-"
+            rows.append(
+                (
+                    "running",
+                    f"job {run.job} ({run.model}) {run.state}, {run.phase} "
+                    f"{steps}, eta {format_seconds(run.eta)}",
+                )
+            )
+        else:
+            rows.append(("running", "nothing"))
+        self._grid(rows)
+
+    def job(self, record: JobRecord) -> None:
+        spec = record.spec
+        progress = record.progress
+        rows = [
+            ("job", str(record.id)),
+            ("state", record.state),
+            ("model", spec.model),
+            ("prompt", spec.prompt),
+        ]
+        if spec.negative_prompt:
+            rows.append(("negative", spec.negative_prompt))
+        rows += [
+            ("video", f"{spec.width}x{spec.height}, {spec.frames} frames at {spec.fps} fps"),
+            (
+                "sampling",
+                f"{spec.steps} steps, guidance {spec.guidance_scale:g}, "
+                f"flow shift {spec.flow_shift:g}, seed {spec.seed}",
+            ),
+            ("priority", str(record.priority)),
+            ("attempts", str(record.attempts)),
+        ]
+        if progress is not None and record.state not in TERMINAL_STATES:
+            rows.append(
+                (
+                    "progress",
+                    f"{progress.phase} {progress.step}/{progress.steps}, "
+                    f"eta {format_seconds(progress.eta)}",
+                )
+            )
+        if record.retry_of is not None:
+            rows.append(("retry of", str(record.retry_of)))
+        rows += [
+            ("created", _when(record.created_at)),
+            ("started", _when(record.started_at)),
+            ("finished", _when(record.finished_at)),
+        ]
+        rows += [("output", path) for path in record.outputs]
+        if record.error is not None:
+            rows.append(("error", f"{record.error.type}: {record.error.message}"))
+        self._grid(rows)
+
+    def jobs(self, records: list[JobRecord]) -> None:
+        from rich.table import Table
+
+        if not records:
+            self.err.print("no jobs", markup=False)
+            return
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for name in ("ID", "STATE", "MODEL", "PROGRESS", "CREATED", "PROMPT", "RESULT"):
+            table.add_column(name, no_wrap=name != "PROMPT" and name != "RESULT", overflow="fold")
+        for r in records:
+            p = r.progress
+            progress = (
+                f"{p.phase} {p.step}/{p.steps}" if p and r.state in ("running", "paused") else "-"
+            )
+            result = ", ".join(r.outputs) or (r.error.message if r.error else "")
+            table.add_row(
+                str(r.id),
+                r.state,
+                r.spec.model,
+                progress,
+                _when(r.created_at),
+                _clip(r.spec.prompt, 40),
+                result,
+            )
+        self.out.print(table)
+
+    def models(self, models: list[ModelInfo]) -> None:
+        from rich.table import Table
+
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for name in ("NAME", "FAMILY", "STATUS", "DESCRIPTION"):
+            table.add_column(name, overflow="fold")
+        for m in models:
+            flags = ["loaded" if m.loaded else "available" if m.available else "not on disk"]
+            if m.default:
+                flags.append("default")
+            table.add_row(m.name, m.family, ", ".join(flags), m.description or m.source)
+        self.out.print(table)
+
+    def queue_state(self, result: QueueStateResult) -> None:
+        if not result.paused:
+            self.line("queue running")
+        elif result.mode == "after_current":
+            self.line("queue paused after the current job")
+        else:
+            self.line("queue paused")
+
+    def aborted(self, record: JobRecord) -> None:
+        # A queued job is cancelled at once; a running one stops at its next block.
+        done = record.state in TERMINAL_STATES
+        self.line(f"job {record.id} {record.state if done else 'aborting'}")
+
+    def cleared(self, result: ClearResult) -> None:
+        n = len(result.cancelled)
+        ids = ", ".join(map(str, result.cancelled))
+        self.line(f"cancelled {n} queued job{'s' if n != 1 else ''}" + (f": {ids}" if n else ""))
+
+    def moved(self, result: MoveResult) -> None:
+        self.line(f"job {result.job} is now at position {result.position}")
+
+    def stopping(self, mode: str) -> None:
+        self.line(f"wangend is shutting down ({mode})")
+
+    def finished(self, record_or_event: JobRecord | Event) -> None:
+        """A followed job has ended: paths on stdout, or why not on stderr."""
+        if isinstance(record_or_event, JobRecord):
+            r = record_or_event
+            job, state, outputs = r.id, r.state, r.outputs
+            error = f"{r.error.type}: {r.error.message}" if r.error else ""
+        else:
+            e = record_or_event
+            job, state = e.job, e.type.removeprefix("job.")
+            outputs = list(e.data.get("outputs") or [])
+            error = _error_text(e.data)
+        if state == "succeeded":
+            for path in outputs:
+                self.line(path)
+        else:
+            self.err.print(f"job {job} {state}" + (f": {error}" if error else ""), markup=False)
+
+    def notice(self, text: str) -> None:
+        self.err.print(text, markup=False, style="dim")
+
+    def error(self, text: str) -> None:
+        self.err.print(f"error: {text}", markup=False)
+
+    def events(self, job: int | None) -> EventView:
+        return _HumanEvents(self.err, job)
+
+    def _grid(self, rows: list[tuple[str, str]]) -> None:
+        # Plain aligned lines, not a rich table: no padding, no wrapping, easy to grep.
+        width = max(len(key) for key, _ in rows)
+        for key, value in rows:
+            self.line(f"{key:<{width}}  {value}")
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+class _HumanEvents:
+    """One progress bar per running job on a terminal; a plain line per change elsewhere.
+
+    `job` set: the view follows one job, and its end is left to `Renderer.finished` (paths
+    on stdout). `job` None: a daemon-wide watch, so every end is a line here.
+    """
+
+    def __init__(self, console: Console, job: int | None) -> None:
+        self.console = console
+        self.job = job
+        self._progress: Progress | None = None
+        self._tasks: dict[int, TaskID] = {}
+        self._phase: dict[int, str] = {}
+        self._started: dict[int, float] = {}
+        self._current: int | None = None  # the job on the worker: model loads are its wait
+
+    def __enter__(self) -> _HumanEvents:
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
+
+            self._progress = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.fields[steps]}"),
+                TextColumn("{task.fields[phase]}"),
+                TextColumn("eta {task.fields[eta]}"),
+                console=self.console,
+            )
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def notice(self, text: str) -> None:
+        self.console.print(text, markup=False, style="dim")
+
+    def _say(self, text: str) -> None:
+        self.console.print(text, markup=False)
+
+    def _update(
+        self, job: int, phase: str, step: int = 0, steps: int = 0, eta: float | None = None
+    ) -> None:
+        changed = self._phase.get(job) != phase
+        self._phase[job] = phase
+        counted = f"{step}/{steps}" if steps else ""
+        if self._progress is None:
+            if changed and phase not in _ANNOUNCED:
+                steps_text = f" ({steps} steps)" if phase == "denoising" and steps else ""
+                self._say(f"job {job}: {phase}{steps_text}")
+            return
+        fields = {"phase": phase, "steps": counted, "eta": format_seconds(eta)}
+        if job not in self._tasks:
+            self._tasks[job] = self._progress.add_task(f"job {job}", total=None, **fields)
+        self._progress.update(
+            self._tasks[job], total=steps or None, completed=step, refresh=True, **fields
+        )
+
+    def _end(self, job: int) -> None:
+        self._phase.pop(job, None)
+        if self._current == job:
+            self._current = None
+        task = self._tasks.pop(job, None)
+        if task is not None and self._progress is not None:
+            self._progress.remove_task(task)
+
+    def seed(self, record: JobRecord) -> None:
+        """Start from a job's recorded state (watching a job that is already under way)."""
+        p = record.progress
+        if record.state in ("running", "paused"):
+            self._current = record.id
+            self._started[record.id] = record.started_at or time.time()
+            phase = "paused" if record.state == "paused" else (p.phase if p else "starting")
+            self._update(
+                record.id, phase, p.step if p else 0, p.steps if p else 0, p.eta if p else None
+            )
+        elif record.state == "queued":
+            self._say(f"job {record.id} is queued")
+
+    def event(self, event: Event) -> None:
+        kind, job, d = event.type, event.job, event.data
+        if kind == "job.progress" and job is not None:
+            self._update(
+                job,
+                str(d.get("phase", "")),
+                int(d.get("step") or 0),
+                int(d.get("steps") or 0),
+                d.get("eta"),
+            )
+        elif kind == "job.queued":
+            self._say(f"job {job} queued at position {d.get('position', '?')}")
+        elif kind == "job.started" and job is not None:
+            self._current = job
+            self._started[job] = event.ts
+            self._say(f"job {job} started ({d.get('model')}, attempt {d.get('attempt')})")
+            self._update(job, "starting")
+        elif kind == "model.loading":
+            self._say(f"loading model {d.get('model')} on {d.get('device')}")
+            if self._current is not None:
+                self._update(self._current, "loading model")
+        elif kind == "model.loaded":
+            self._say(f"model {d.get('model')} loaded in {format_seconds(d.get('seconds'))}")
+        elif kind in ("job.paused", "job.resumed") and job is not None:
+            verb = kind.removeprefix("job.")
+            self._say(f"job {job} {verb} at step {d.get('step')}/{d.get('steps')}")
+            if kind == "job.paused":
+                self._update(job, "paused", int(d.get("step") or 0), int(d.get("steps") or 0))
+        elif kind in TERMINAL_EVENTS and job is not None:
+            took = event.ts - self._started[job] if job in self._started else None
+            self._end(job)
+            if self.job is None:
+                state = kind.removeprefix("job.")
+                detail = (
+                    ", ".join(d.get("outputs") or []) if state == "succeeded" else _error_text(d)
+                )
+                after = f" after {format_seconds(took)}" if took is not None else ""
+                self._say(f"job {job} {state}{after}" + (f": {detail}" if detail else ""))
+        elif kind == "job.moved":
+            self._say(f"job {job} moved to position {d.get('position')}")
+        elif kind == "queue.paused":
+            self._say(
+                "queue paused"
+                + (" after the current job" if d.get("mode") == "after_current" else "")
+            )
+        elif kind == "queue.resumed":
+            self._say("queue resumed")
+        elif kind == "queue.cleared":
+            self._say(f"queue cleared ({len(d.get('cancelled') or [])} cancelled)")
+        elif kind == "daemon.stopping":
+            self._say(f"the daemon is stopping ({d.get('mode', 'graceful')})")
+        else:
+            self._say(f"{kind}" + (f" job {job}" if job is not None else ""))
