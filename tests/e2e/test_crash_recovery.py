@@ -79,11 +79,14 @@ def test_a_paused_queue_stays_paused_after_kill_9(tmp_path: Path) -> None:
         with daemon.unix() as client:
             client.result("pause", {"mode": "now"})
             job = client.result("enqueue", {"prompt": "held", "steps": 2})["job"]
+            seq_before = client.result("status")["last_seq"]
         daemon.kill9()
         daemon.start()
         with daemon.unix() as client:
             status = client.result("status")
             assert status["paused"] is True and status["queue"]["queued"] == 1
+            # event numbers never go back, so an old `since` cannot hide new events
+            assert status["last_seq"] > seq_before
             assert client.result("status", {"job": job})["state"] == "queued"
             client.result("subscribe", {})
             client.result("resume")

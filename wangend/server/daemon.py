@@ -46,6 +46,9 @@ __all__ = ["Daemon", "StartupError", "run_daemon"]
 
 log = logging.getLogger("wangend")
 
+SEQ_META_KEY = "event_seq_reserved"
+SEQ_BLOCK = 100_000
+
 
 class Daemon:
     """Owns the daemon's objects and implements the RPC layer's `Services`."""
@@ -84,7 +87,11 @@ class Daemon:
         self.production = ProductionManager(self.registry, cfg.device, cfg.dtype)
         self.runtime = GenerationRuntime(self.production, cfg.output_path)
         self.inputs = TaskInputManager(self.registry, cfg.model, self.production.dtype_name)
-        self.bus = EventBus(cfg.event_buffer)
+        self.bus = EventBus(
+            cfg.event_buffer,
+            start_after=int(self.store.get_meta(SEQ_META_KEY) or 0),
+            reserve=self._reserve_seqs,
+        )
         self.controller = QueueController(
             self.store, self.runtime, self.inputs, self.bus.publish, max_attempts=cfg.max_attempts
         )
@@ -94,6 +101,13 @@ class Daemon:
             max_line_bytes=cfg.max_line_bytes,
             subscriber_buffer=cfg.subscriber_buffer,
         )
+
+    def _reserve_seqs(self, seq: int) -> int:
+        """Persist a new upper bound for event numbers: one write per SEQ_BLOCK events,
+        and a restart (even after kill -9) continues above every number ever used."""
+        limit = seq + SEQ_BLOCK
+        self.store.set_meta(SEQ_META_KEY, str(limit))
+        return limit
 
     def _teardown(self) -> None:
         if self._endpoint_written:  # never another daemon's

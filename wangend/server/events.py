@@ -21,8 +21,11 @@ out, since they are not about the watched jobs.
 
 Resync: `subscribe(since=n)` replays the buffered events after `n`. When events after `n`
 have already left the ring, what is left is replayed and `complete` is False. Sequence
-numbers start at 1 with each daemon process, so a `since` larger than `last_seq` comes
-from an earlier process: nothing is replayed and `complete` is False. Either way the
+numbers keep increasing across restarts: the daemon reserves them in blocks in its
+database (`reserve`) and a new process starts after the last reserved block, so a
+`since` from before a restart replays nothing and says `complete: False` rather than
+silently skipping new events. A `since` larger than `last_seq` is from nowhere we know:
+nothing is replayed and `complete` is False. Either way the
 client re-reads state with `status`/`jobs` instead of trusting a gap-free stream.
 """
 
@@ -81,12 +84,23 @@ def _wanted(entry_job: int | None, entry_type: str, jobs: frozenset[int] | None)
 class EventBus:
     """Numbers, buffers and fans out events. Loop thread only; nothing here awaits."""
 
-    def __init__(self, buffer: int = 10_000, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        buffer: int = 10_000,
+        clock: Callable[[], float] = time.time,
+        *,
+        start_after: int = 0,
+        reserve: Callable[[int], int] | None = None,
+    ) -> None:
+        """`start_after`: the first event gets this + 1. `reserve(seq)` is called when
+        the numbers reach the reserved limit and returns the new limit (it persists it)."""
         if buffer < 1:
             raise ValueError("the event buffer must hold at least one event")
         self._ring: deque[_Entry] = deque(maxlen=buffer)
         self._subs: dict[Subscriber, frozenset[int] | None] = {}
-        self._seq = 0
+        self._seq = start_after
+        self._reserve = reserve
+        self._reserved = reserve(start_after) if reserve is not None else None
         self._clock = clock
         self._encode = msgspec.json.Encoder().encode
 
@@ -115,6 +129,8 @@ class EventBus:
             event.data = {"error": "event data could not be encoded"}
             body = self._encode(event)
         self._seq = event.seq
+        if self._reserved is not None and self._seq >= self._reserved:
+            self._reserved = self._reserve(self._seq)  # type: ignore[misc]
         line = _PREFIX + body + _SUFFIX
         self._ring.append(_Entry(event.seq, job, type, line))
         over_budget: list[Subscriber] = []
