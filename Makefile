@@ -16,11 +16,13 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@echo "installing into $(VENV) (torch: $(TORCH_SPEC))"
-	@$(PIP) $(TORCH_PIP_ARGS) '$(TORCH_SPEC)' 2>&1 | grep -v '^WARNING: Location' || true
-	@$(PY) -W ignore -c 'import torch' || { echo "torch failed to install"; exit 1; }
-	@$(PIP) -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
-	@$(PY) -c 'import wangend, wangenctl, diffusers, av, jsonrpcserver' || { echo "install failed"; exit 1; }
+	@echo "installing into $(VENV) (torch: $(TORCH_SPEC)); log: $(VENV)/install.log"
+	@$(PIP) $(TORCH_PIP_ARGS) '$(TORCH_SPEC)' >$(VENV)/install.log 2>&1 \
+		|| { tail -20 $(VENV)/install.log; echo "torch failed to install"; exit 1; }
+	@$(PIP) -e '.[dev]' >>$(VENV)/install.log 2>&1 \
+		|| { tail -20 $(VENV)/install.log; echo "install failed"; exit 1; }
+	@$(PY) -W ignore -c 'import wangend, wangenctl, torch, diffusers, av, jsonrpcserver' \
+		|| { echo "install incomplete; see $(VENV)/install.log"; exit 1; }
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -36,6 +38,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/control_plane.py
+	$(PY) bench/daemon_load.py
 	$(PY) bench/job_overhead.py
 
 clean:
