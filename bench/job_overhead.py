@@ -142,57 +142,38 @@ def main() -> None:
         print(f"  direct pipeline call + encode:                median {p * 1000:.1f} ms")
         print(f"  ratio: {d / p:.3f}")
 
-        # abort latency
-        blocks = len(daemon.production.pipeline.transformer.blocks)
-        abort_lat = []
-        for i in range(5):
-            reply, _ = c.call("enqueue", {**SPEC, "steps": 400, "seed": i})
+        def latency(method: str, params: dict, ends: str, seed: int) -> float:
+            """Start a long job, wait for step 3, send `method`; reply -> `ends` event."""
+            reply, _ = c.call("enqueue", {**SPEC, "steps": 400, "seed": seed})
             job = reply["result"]["job"]
             c.until(
-                lambda e, j=job: (
-                    e.get("job") == j
+                lambda e: (
+                    e.get("job") == job
                     and e["type"] == "job.progress"
                     and e["data"].get("step", 0) >= 3
                 )
             )
-            rid = c.send("abort", {"job": job})
-            while True:
-                msg = c.read()
-                if msg.get("id") == rid:
-                    t0 = time.perf_counter()
-                    break
-            _, t1 = c.until(lambda e, j=job: e.get("job") == j and e["type"] == "job.aborted")
-            abort_lat.append(t1 - t0)
+            rid = c.send(method, params)
+            while c.read().get("id") != rid:
+                pass
+            t0 = time.perf_counter()
+            _, t1 = c.until(lambda e: e.get("job") == job and e["type"] == ends)
+            if method == "pause":  # clean up: end the held job, reopen the queue
+                c.call("abort", {"job": job})
+                c.call("resume")
+                c.until(lambda e: e.get("job") == job and e["type"] == "job.aborted")
+            return t1 - t0
+
+        blocks = len(daemon.production.pipeline.transformer.blocks)
         step_s = (d * 0.7) / SPEC["steps"]
+        abort_lat = [latency("abort", {}, "job.aborted", i) for i in range(5)]
         print(
             f"abort: reply -> job.aborted median {statistics.median(abort_lat) * 1000:.2f} ms, "
             f"max {max(abort_lat) * 1000:.2f} ms (one transformer block ~ "
-            f"{step_s / (2 * blocks) * 1000:.2f} ms, {blocks} blocks, CFG = 2 passes/step)"
+            f"{step_s / (2 * blocks) * 1000:.2f} ms estimated, {blocks} blocks, "
+            "CFG = 2 passes/step)"
         )
-
-        # pause latency
-        pause_lat = []
-        for i in range(5):
-            reply, _ = c.call("enqueue", {**SPEC, "steps": 400, "seed": i})
-            job = reply["result"]["job"]
-            c.until(
-                lambda e, j=job: (
-                    e.get("job") == j
-                    and e["type"] == "job.progress"
-                    and e["data"].get("step", 0) >= 3
-                )
-            )
-            rid = c.send("pause", {"mode": "now"})
-            while True:
-                msg = c.read()
-                if msg.get("id") == rid:
-                    t0 = time.perf_counter()
-                    break
-            _, t1 = c.until(lambda e, j=job: e.get("job") == j and e["type"] == "job.paused")
-            pause_lat.append(t1 - t0)
-            c.call("abort", {"job": job})
-            c.call("resume")
-            c.until(lambda e, j=job: e.get("job") == j and e["type"] == "job.aborted")
+        pause_lat = [latency("pause", {"mode": "now"}, "job.paused", i) for i in range(5)]
         print(
             f"pause: reply -> job.paused median {statistics.median(pause_lat) * 1000:.2f} ms, "
             f"max {max(pause_lat) * 1000:.2f} ms (one step ~ {step_s * 1000:.1f} ms)"

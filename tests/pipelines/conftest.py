@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-from wangend.pipelines.tiny import ensure_tiny_model
 
 
 class RecordingHooks:
@@ -39,14 +36,6 @@ class RecordingHooks:
 
     def named(self, name: str) -> list[tuple[Any, ...]]:
         return [args for kind, args in self.calls if kind == name]
-
-
-@pytest.fixture(scope="session")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A models directory holding the tiny model, built once per session."""
-    folder = tmp_path_factory.mktemp("models")
-    ensure_tiny_model(folder)
-    return folder
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,23 +21,6 @@ from wangend.pipelines.runtime import GenerationRuntime, scheduler_for, to_uint8
 from wangend.protocol import GenerateSpec, ResolvedGenerate
 
 from .conftest import RecordingHooks
-
-
-@pytest.fixture(scope="module")
-def registry(models_dir: Path) -> ModelRegistry:
-    return ModelRegistry(models_dir)
-
-
-@pytest.fixture(scope="module")
-def production(registry: ModelRegistry) -> Iterator[ProductionManager]:
-    manager = ProductionManager(registry, device="cpu", dtype="auto", allow_download=False)
-    yield manager
-    manager.release()
-
-
-@pytest.fixture
-def runtime(production: ProductionManager, tmp_path: Path) -> GenerationRuntime:
-    return GenerationRuntime(production, tmp_path / "out")
 
 
 @pytest.fixture(scope="module")

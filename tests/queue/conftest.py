@@ -11,8 +11,6 @@ import pytest
 from wangend.pipelines.inputs import TaskInputManager
 from wangend.pipelines.production import ProductionManager
 from wangend.pipelines.registry import ModelRegistry
-from wangend.pipelines.runtime import GenerationRuntime
-from wangend.pipelines.tiny import ensure_tiny_model
 from wangend.protocol import ResolvedGenerate
 from wangend.queue.store import JobStore
 
@@ -45,31 +43,6 @@ def db_path(tmp_path: Path) -> Path:
 def store(db_path: Path) -> Iterator[JobStore]:
     with JobStore(db_path) as s:
         yield s
-
-
-@pytest.fixture(scope="session")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("queue-models")
-    ensure_tiny_model(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def registry(models_dir: Path) -> ModelRegistry:
-    return ModelRegistry(models_dir)
-
-
-@pytest.fixture(scope="module")
-def production(registry: ModelRegistry) -> Iterator[ProductionManager]:
-    """One warm tiny pipeline for the module: loading it per test would dominate."""
-    manager = ProductionManager(registry, device="cpu", dtype="auto", allow_download=False)
-    yield manager
-    manager.release()
-
-
-@pytest.fixture
-def runtime(production: ProductionManager, tmp_path: Path) -> GenerationRuntime:
-    return GenerationRuntime(production, tmp_path / "out")
 
 
 @pytest.fixture
