@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 
 import numpy as np
 
@@ -54,6 +56,30 @@ def test_submit_follow_and_read_back_the_mp4(daemon: DaemonProcess) -> None:
     assert len(meta["frames_sha256"]) == 64
     assert meta["settings"]["prompt"] == spec["prompt"]
     assert meta["settings"]["seed"] == 11
+
+    if shutil.which("ffprobe"):  # what other tools see (ffprobe is optional here)
+        probe = json.loads(
+            subprocess.run(
+                [
+                    "ffprobe",
+                    "-v",
+                    "error",
+                    "-show_entries",
+                    "stream=codec_name,pix_fmt,width,height,r_frame_rate,nb_frames:format_tags=comment",
+                    "-of",
+                    "json",
+                    output,
+                ],
+                capture_output=True,
+                check=True,
+                text=True,
+            ).stdout
+        )
+        stream = probe["streams"][0]
+        assert (stream["codec_name"], stream["pix_fmt"]) == ("h264", "yuv420p")
+        assert (stream["width"], stream["height"], stream["nb_frames"]) == (64, 48, "9")
+        assert stream["r_frame_rate"] == "12/1"
+        assert json.loads(probe["format"]["tags"]["comment"]) == meta
 
     with daemon.unix() as client:
         record = client.result("status", {"job": job})
