@@ -1,4 +1,4 @@
-"""`wangend serve | token | config check | config show`.
+"""`wangend serve | token | config check | config show | install-units`.
 
 The entry point is the only place that installs signal handlers and calls `sys.exit`;
 everything below it raises. Exit codes: 0 clean stop, 1 runtime failure, 2 bad config or
@@ -92,9 +92,24 @@ def serve(
     )
     setup_logging(cfg.log_level)
     from .server.daemon import StartupError, run_daemon  # heavy imports only for serve
+    from .server.systemd import listen_sockets
 
+    def reload() -> ServerConfig:  # SIGHUP: the same file, env and flags, read again
+        return load_config(config, overrides)
+
+    overrides = {
+        "host": host,
+        "port": port,
+        "tcp": False if no_tcp else None,
+        "socket": socket,
+        "state_dir": state_dir,
+        "output_dir": output_dir,
+        "model": model,
+        "device": device,
+        "log_level": log_level,
+    }
     try:
-        code = run_daemon(cfg)
+        code = run_daemon(cfg, reload=reload, sockets=listen_sockets())
     except StartupError as exc:
         logging.getLogger("wangend").error("%s", exc)
         raise typer.Exit(exc.exit_code) from None
@@ -120,6 +135,49 @@ def config_show(config: ConfigOpt = None) -> None:
     cfg = _load(config)
     for key, value in msgspec.structs.asdict(cfg).items():
         typer.echo(f"{key} = {msgspec.json.encode(value).decode()}")
+
+
+@app.command("install-units")
+def install_units(
+    user: Annotated[bool, typer.Option("--user", help="A per-user service")] = False,
+    dest: Annotated[
+        Path | None,
+        typer.Option(help="Directory (default /etc/systemd/system, ~/.config/systemd/user)"),
+    ] = None,
+    exec_path: Annotated[
+        str | None, typer.Option("--exec", help="The wangend executable for ExecStart")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the units only")] = False,
+) -> None:
+    """Write the systemd units with ExecStart pointing at this wangend."""
+    from .server.systemd import find_wangend, render_units
+
+    try:
+        wangend = str(Path(exec_path).absolute()) if exec_path else find_wangend()
+    except FileNotFoundError as exc:
+        typer.echo(f"wangend: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if dest is None:
+        home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+        dest = home / "systemd" / "user" if user else Path("/etc/systemd/system")
+    units = render_units(wangend, user=user)
+    for name, text in units.items():
+        target = dest / name
+        if dry_run:
+            typer.echo(f"# would write {target}\n{text}")
+            continue
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+        except OSError as exc:
+            typer.echo(f"wangend: cannot write {target}: {exc.strerror}", err=True)
+            raise typer.Exit(1) from None
+        note = f" (ExecStart={wangend} serve)" if name.endswith(".service") else ""
+        typer.echo(f"wrote {target}{note}")
+    if not dry_run:
+        ctl = "systemctl --user" if user else "systemctl"
+        enable = "wangend" if user else "wangend.socket wangend.service"
+        typer.echo(f"next: {ctl} daemon-reload && {ctl} enable --now {enable}")
 
 
 @app.command()

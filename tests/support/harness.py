@@ -18,7 +18,16 @@ from .wire import WireClient
 
 
 class DaemonProcess:
-    def __init__(self, root: Path, *extra_args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *extra_args: str,
+        env: dict[str, str] | None = None,
+        wrapper: list[str] | None = None,
+        pass_fds: tuple[int, ...] = (),
+    ) -> None:
+        """`wrapper`: a command the daemon's command line is appended to (it must exec
+        it, so the pid stays the same); `pass_fds`: descriptors the child inherits."""
         self.root = root
         self.state_dir = root / "state"
         self.output_dir = root / "outputs"
@@ -28,6 +37,8 @@ class DaemonProcess:
         self.env = {**os.environ, **(env or {})}
         for var in ("WANGEN_URL", "WANGEN_TOKEN_FILE", "WANGEN_CONFIG"):
             self.env.pop(var, None)
+        self.wrapper = list(wrapper or [])
+        self.pass_fds = pass_fds
         self.proc: subprocess.Popen[bytes] | None = None
         self.endpoint: dict = {}
 
@@ -35,6 +46,7 @@ class DaemonProcess:
         endpoint_file = self.state_dir / "endpoint.json"
         endpoint_file.unlink(missing_ok=True)
         cmd = [
+            *self.wrapper,
             sys.executable,
             "-m",
             "wangend.cli",
@@ -50,7 +62,9 @@ class DaemonProcess:
             *self.extra_args,
         ]
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        self.proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, pass_fds=self.pass_fds
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -11,6 +11,13 @@ methods never reach into the objects' wiring.
     shutdown   on SIGTERM/SIGINT, the `shutdown` call or the test's trigger: stop taking
                work, hold the running job at its next step and put it back in the queue,
                say goodbye to connections, close the store, release the lock
+
+Under systemd (server/systemd.py) the daemon says READY=1 once the store is open and the
+listeners are up (before any model loads), keeps STATUS= current (at most once a second),
+pings the watchdog from the event loop and says STOPPING=1 when it starts to stop. With
+socket activation it serves the inherited sockets and binds nothing itself. SIGHUP
+re-reads the config: `log_level` applies at once, other changes are logged as needing a
+restart.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -40,6 +48,7 @@ from ..queue.store import JobStore
 from .events import EventBus
 from .rpc import build_dispatcher
 from .statedir import StartupError, StateLock, load_or_create_token, prepare_state_dir, tokens_match
+from .systemd import Notifier, watchdog_interval
 from .transport import Server
 
 __all__ = ["Daemon", "StartupError", "run_daemon"]
@@ -48,13 +57,27 @@ log = logging.getLogger("wangend")
 
 SEQ_META_KEY = "event_seq_reserved"
 SEQ_BLOCK = 100_000
+STATUS_INTERVAL = 1.0  # seconds between STATUS= updates to systemd, at most one each
+RELOADABLE = frozenset({"log_level"})  # config keys SIGHUP applies without a restart
 
 
 class Daemon:
     """Owns the daemon's objects and implements the RPC layer's `Services`."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        notifier: Notifier | None = None,
+        sockets: list[socket.socket] | None = None,
+        watchdog: float | None = None,
+    ) -> None:
+        """`sockets`: inherited listeners (socket activation), served instead of the
+        configured addresses. `watchdog`: seconds between WATCHDOG=1 pings."""
         self.config = config
+        self.notifier = notifier or Notifier(None)
+        self._sockets = sockets
+        self._watchdog = watchdog
         self.accepting = False
         self.started_at = time.time()
         self._stop_requested: anyio.Event | None = None
@@ -110,6 +133,7 @@ class Daemon:
         return limit
 
     def _teardown(self) -> None:
+        self.notifier.close()
         if self._endpoint_written:  # never another daemon's
             with contextlib.suppress(FileNotFoundError):
                 self._endpoint_file.unlink()
@@ -137,6 +161,11 @@ class Daemon:
                 self.accepting = True
                 self._write_endpoint(endpoint)
                 log.info("wangend %s ready (%s)", __version__, self._describe(endpoint))
+                self.notifier.ready(self.status_line())
+                if self.notifier.enabled:
+                    tg.start_soon(self._report_status)
+                    if self._watchdog:
+                        tg.start_soon(self._ping_watchdog, self._watchdog)
                 task_status.started(endpoint)
                 if shutdown_trigger is not None:
                     tg.start_soon(self._stop_on, shutdown_trigger)
@@ -149,6 +178,9 @@ class Daemon:
 
     async def _serve_listeners(self, *, task_status: anyio.abc.TaskStatus[dict[str, Any]]) -> None:
         cfg = self.config
+        if self._sockets is not None:  # socket activation: systemd owns the addresses
+            await self.server.serve(sockets=self._sockets, task_status=task_status)
+            return
         await self.server.serve(
             tcp=(cfg.host, cfg.port) if cfg.tcp else None,
             unix=Path(cfg.socket) if not cfg.no_socket else None,
@@ -162,10 +194,66 @@ class Daemon:
     async def _shutdown(self) -> None:
         self.accepting = False
         log.info("shutting down (%s)", self._stop_mode)
+        self.notifier.stopping(f"stopping ({self._stop_mode})")
         self.bus.publish("daemon.stopping", None, {"mode": self._stop_mode})
         with anyio.CancelScope(shield=True):
             await self.controller.stop(self._stop_mode)
             await self.server.close()
+
+    async def _report_status(self) -> None:
+        """Keep systemd's STATUS= current: woken by any event, at most once a second."""
+        changed = _ChangeFlag()
+        self.bus.subscribe(changed)
+        last = ""
+        try:
+            while True:
+                await changed.wait()
+                if not self.accepting:  # STOPPING=1 has said the last word
+                    return
+                text = self.status_line()
+                if text != last:
+                    self.notifier.status(text)
+                    last = text
+                await anyio.sleep(STATUS_INTERVAL)
+        finally:
+            self.bus.unsubscribe(changed)
+
+    async def _ping_watchdog(self, interval: float) -> None:
+        """From the event loop, so a wedged loop stops the pings and systemd restarts us."""
+        while True:
+            self.notifier.watchdog()
+            await anyio.sleep(interval)
+
+    def status_line(self) -> str:
+        """One line for `systemctl status`: queue depth and the running job's step."""
+        paused, _mode, counts, running = self.controller.snapshot()
+        parts = [f"{counts.queued} queued"]
+        if running is not None:
+            step = f" step {running.step}/{running.steps}" if running.steps else ""
+            parts.append(f"job {running.job} {running.state}{step} ({running.phase})")
+        if paused:
+            parts.append("queue paused")
+        return "; ".join(parts)
+
+    def reload_config(self, new: ServerConfig) -> list[str]:
+        """Apply what SIGHUP may change; log the rest as needing a restart. Returns the
+        names of the keys that changed."""
+        old = msgspec.structs.asdict(self.config)
+        fresh = msgspec.structs.asdict(new)
+        changed = sorted(k for k in fresh if fresh[k] != old[k])
+        if not changed:
+            log.info("config reloaded: nothing changed")
+            return changed
+        applied = {k: fresh[k] for k in changed if k in RELOADABLE}
+        if "log_level" in applied:
+            set_log_level(applied["log_level"])
+        for key in changed:
+            if key in applied:
+                log.info("config reloaded: %s = %r (applied)", key, fresh[key])
+            else:
+                log.warning("config reloaded: %s changed; takes effect after a restart", key)
+        self.config = msgspec.structs.replace(self.config, **applied)
+        return changed
 
     def _write_endpoint(self, endpoint: dict[str, Any]) -> None:
         data = {"pid": os.getpid(), "version": __version__, **endpoint}
@@ -215,6 +303,31 @@ class Daemon:
         )
 
 
+class _ChangeFlag:
+    """A bus subscriber that only notes that something happened."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def deliver(self, seq: int, line: bytes) -> bool:
+        self._event.set()
+        return True
+
+    def dropped(self, reason: str) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event = anyio.Event()
+
+
+def set_log_level(level: str) -> None:
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    for name in ("httpx", "huggingface_hub", "diffusers", "transformers"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+
+
 def quiet_library_progress_bars() -> None:
     """tqdm bars from diffusers/transformers would flood the daemon's log; the daemon
     reports loading and steps as events instead."""
@@ -225,11 +338,20 @@ def quiet_library_progress_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def run_daemon(config: ServerConfig) -> int:
-    """Run until stopped; the first SIGTERM/SIGINT stops gracefully, a second one at once."""
+def run_daemon(
+    config: ServerConfig,
+    *,
+    reload: Callable[[], ServerConfig] | None = None,
+    sockets: list[socket.socket] | None = None,
+) -> int:
+    """Run until stopped; the first SIGTERM/SIGINT stops gracefully, a second one at once.
+    SIGHUP calls `reload()` for a fresh config (an error there is logged, nothing more).
+    `sockets`: inherited listeners (server/systemd.py `listen_sockets`)."""
 
     async def main() -> None:
-        daemon = Daemon(config)
+        daemon = Daemon(
+            config, notifier=Notifier.from_env(), sockets=sockets, watchdog=watchdog_interval()
+        )
         try:
             daemon.build()  # outside the task group, so a StartupError arrives unwrapped
         except BaseException:
@@ -238,13 +360,27 @@ def run_daemon(config: ServerConfig) -> int:
         async with anyio.create_task_group() as tg:
 
             async def on_signals() -> None:
-                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+                with anyio.open_signal_receiver(*wanted) as signals:
                     async for signum in signals:
+                        if signum == signal.SIGHUP:
+                            reload_now()
+                            continue
                         if daemon._stop_requested is not None and daemon._stop_requested.is_set():
                             log.warning("second %s: stopping now", signal.Signals(signum).name)
                             os._exit(1)
                         log.info("%s received", signal.Signals(signum).name)
                         daemon.request_shutdown("graceful")
+
+            def reload_now() -> None:
+                if reload is None:
+                    log.info("SIGHUP received; nothing to reload")
+                    return
+                log.info("SIGHUP received: reloading the config")
+                try:
+                    daemon.reload_config(reload())
+                except Exception as exc:  # a broken file must not stop a running daemon
+                    log.error("config reload failed, keeping the old config: %s", exc)
 
             tg.start_soon(on_signals)
             await daemon.serve()
