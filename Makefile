@@ -41,5 +41,14 @@ bench: $(STAMP)
 	$(PY) bench/daemon_load.py
 	$(PY) bench/job_overhead.py
 
+# The long crash torture: many jobs, many kill -9s at seeded random moments.
+TORTURE_JOBS ?= 40
+TORTURE_KILLS ?= 25
+TORTURE_SEED ?= 20261124
+torture: $(STAMP)
+	WANGEN_TORTURE_JOBS=$(TORTURE_JOBS) WANGEN_TORTURE_KILLS=$(TORTURE_KILLS) \
+		WANGEN_TORTURE_SEED=$(TORTURE_SEED) \
+		$(PY) -m pytest -q -s -p no:cacheprovider tests/reliability/test_crash_torture.py
+
 clean:
 	rm -rf .demo .bench .pytest_cache .ruff_cache

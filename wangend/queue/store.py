@@ -214,6 +214,7 @@ class JobStore:
         )
 
     def get(self, job_id: int) -> JobRecord:
+        _check_id(job_id)
         row = self._db.execute(SELECT_JOB, (job_id,)).fetchone()
         if row is None:
             raise UnknownJob(job_id)
@@ -299,6 +300,7 @@ class JobStore:
         """
         if to not in JOB_STATES:
             raise ValueError(f"{to!r} is not a job state")
+        _check_id(job_id)
         params = {
             "id": job_id,
             "to": to,
@@ -329,6 +331,7 @@ class JobStore:
         the job sits exactly where it was asked to, and jobs enqueued later at those
         priorities still queue behind it.
         """
+        _check_id(job_id)
         with self.transaction() as db:
             row = db.execute(SELECT_STATE, (job_id,)).fetchone()
             if row is None:
@@ -395,3 +398,10 @@ class JobStore:
                 db.execute(FAIL_JOB, (msgspec.json.encode(error).decode(), now, now, job_id))
                 failed.append(job_id)
         return Recovery(requeued=requeued, failed=failed)
+
+
+def _check_id(job_id: int) -> None:
+    """No job has an id outside SQLite's INTEGER range (the wire allows up to 2**64-1);
+    binding one would raise OverflowError, an internal error, instead of unknown job."""
+    if not -(2**63) <= job_id < 2**63:
+        raise UnknownJob(job_id)
