@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +17,7 @@ import typer
 
 from . import __version__
 from .config import ConfigError, ServerConfig, load_config
+from .logs import setup_logging
 
 app = typer.Typer(
     add_completion=False,
@@ -39,29 +39,6 @@ def _load(config: Path | None, **overrides: object) -> ServerConfig:
     except ConfigError as exc:
         typer.echo(f"wangend: {exc}", err=True)
         raise typer.Exit(2) from None
-
-
-def setup_logging(level: str) -> None:
-    """journald-friendly `<N>` level prefixes under systemd, plain lines otherwise."""
-    under_journal = bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
-    prefixes = {"DEBUG": "<7>", "INFO": "<6>", "WARNING": "<4>", "ERROR": "<3>", "CRITICAL": "<2>"}
-
-    class _Formatter(logging.Formatter):
-        def format(self, record: logging.LogRecord) -> str:
-            text = super().format(record)
-            return prefixes.get(record.levelname, "") + text if under_journal else text
-
-    fmt = "%(name)s: %(message)s"
-    if not under_journal:
-        fmt = "%(asctime)s %(levelname)s " + fmt
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter(fmt))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    # Libraries that are chatty at INFO about things the daemon already reports.
-    for name in ("httpx", "huggingface_hub", "diffusers", "transformers"):
-        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
 
 
 @app.command()

@@ -38,6 +38,7 @@ import msgspec
 
 from .. import __version__
 from ..config import ServerConfig
+from ..logs import set_log_level
 from ..pipelines.inputs import TaskInputManager
 from ..pipelines.production import ProductionManager
 from ..pipelines.registry import ModelRegistry
@@ -321,13 +322,6 @@ class _ChangeFlag:
         self._event = anyio.Event()
 
 
-def set_log_level(level: str) -> None:
-    root = logging.getLogger()
-    root.setLevel(level.upper())
-    for name in ("httpx", "huggingface_hub", "diffusers", "transformers"):
-        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
-
-
 def quiet_library_progress_bars() -> None:
     """tqdm bars from diffusers/transformers would flood the daemon's log; the daemon
     reports loading and steps as events instead."""
@@ -388,10 +382,3 @@ def run_daemon(
 
     anyio.run(main)
     return 0
-
-
-def endpoint_of(state_dir: Path) -> dict[str, Any] | None:
-    try:
-        return msgspec.json.decode((state_dir / "endpoint.json").read_bytes())
-    except (OSError, msgspec.DecodeError):
-        return None
