@@ -25,11 +25,83 @@ from .protocol import (
     default_state_dir,
 )
 
-__all__ = ["ConfigError", "ServerConfig", "load_config"]
+__all__ = [
+    "ConfigError",
+    "EngineConfig",
+    "EnhancerConfig",
+    "LoraConfig",
+    "MatAnyOneConfig",
+    "MediaConfig",
+    "ServerConfig",
+    "load_config",
+]
 
 
 class ConfigError(Exception):
     """A config file or value is wrong; the message names the key."""
+
+
+class Section(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Base of the config file's [tables]: unknown keys are errors there too."""
+
+
+class EngineConfig(Section):
+    """[engine]: daemon-wide defaults for what a job may override per job."""
+
+    memory_profile: Literal["none", "model", "group", "sequential"] = "none"
+    fp8: bool = False
+    step_cache: Literal["none", "fbc", "mag", "taylorseer", "pab"] = "none"
+    step_cache_threshold: Annotated[float, Meta(gt=0.0, le=10.0)] | None = None
+    attention: Literal["native", "flash", "sage"] = "native"
+    compile: bool = False
+    preview_every: Annotated[int, Meta(ge=0, le=500)] = 0
+    keep_models_gb: Annotated[float, Meta(ge=0.0)] = 0.0  # CPU RAM for parked models
+
+
+class MediaConfig(Section):
+    """[media]: how outputs are written."""
+
+    codec: Literal["libx264", "libx265", "h264_nvenc"] = "libx264"
+    crf: Annotated[int, Meta(ge=0, le=51)] = 18
+    pix_fmt: Literal["yuv420p", "yuv444p"] = "yuv420p"
+    container: Literal["mp4", "mkv"] = "mp4"
+    image_format: Literal["png", "jpeg", "webp"] = "png"
+    image_quality: Annotated[int, Meta(ge=1, le=100)] = 95
+    metadata: Literal["embedded", "json", "none"] = "embedded"
+    embed_source_images: bool = False
+    save_masks: bool = False
+    write_retries: Annotated[int, Meta(ge=0, le=20)] = 3
+
+
+class LoraConfig(Section):
+    """[lora]: where LoRAs live (a folder per model family below each root)."""
+
+    folders: list[str] = msgspec.field(default_factory=list)  # default: <state>/loras
+    presets: list[str] = msgspec.field(default_factory=list)  # default: <state>/presets
+    cache_budget: Annotated[int, Meta(ge=0, le=256)] = 8  # LoRAs kept loaded, inactive
+
+
+class EnhancerConfig(Section):
+    """[enhancer]: the prompt enhancer."""
+
+    provider: Literal["none", "local", "remote"] = "none"
+    by_default: bool = False  # enhance jobs that do not say
+    local_model: str = ""  # hub id or folder of a causal LM with a chat template
+    captioner_model: str = ""  # Florence-2 for image-conditioned jobs
+    remote_url: str = ""  # OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1
+    remote_model: str = ""
+    api_key_env: str = "WANGEN_ENHANCER_API_KEY"
+    api_key_file: str = ""
+    timeout: Annotated[float, Meta(gt=0.0, le=600.0)] = 60.0
+    retries: Annotated[int, Meta(ge=0, le=10)] = 2
+    idle_unload: Annotated[float, Meta(ge=0.0)] = 600.0  # seconds; 0 keeps it loaded
+    max_new_tokens: Annotated[int, Meta(ge=1, le=4096)] = 256
+
+
+class MatAnyOneConfig(Section):
+    """[matanyone]: the matting network's weights ("tiny": random, for tests/demo)."""
+
+    weights: str = "tiny"
 
 
 class ServerConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -48,6 +120,11 @@ class ServerConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True
     subscriber_buffer: Annotated[int, Meta(ge=16)] = 4_096  # events queued per connection
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     no_socket: bool = False  # disable the Unix socket listener
+    engine: EngineConfig = EngineConfig()
+    media: MediaConfig = MediaConfig()
+    lora: LoraConfig = LoraConfig()
+    enhancer: EnhancerConfig = EnhancerConfig()
+    matanyone: MatAnyOneConfig = MatAnyOneConfig()
 
     @property
     def state_path(self) -> Path:

@@ -38,6 +38,8 @@ __all__ = [
     "JobState",
     "JobsParams",
     "JobsResult",
+    "LoraRef",
+    "MatAnyOneSpec",
     "ModelInfo",
     "ModelsResult",
     "MoveParams",
@@ -49,12 +51,15 @@ __all__ = [
     "QueueStateResult",
     "ResolvedGenerate",
     "ResolvedJob",
+    "ResolvedLora",
+    "ResolvedMatAnyOne",
     "RunningInfo",
     "ShutdownParams",
     "StatusParams",
     "StatusResult",
     "SubscribeParams",
     "SubscribeResult",
+    "decode_job_spec",
     "default_output_dir",
     "default_socket_path",
     "default_state_dir",
@@ -116,12 +121,31 @@ Dimension = Annotated[int, Meta(ge=16, le=4096)]
 Seed = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 
 
+MemoryProfile = Literal["none", "model", "group", "sequential"]
+StepCache = Literal["none", "fbc", "mag", "taylorseer", "pab"]
+AttentionBackend = Literal["native", "flash", "sage"]
+MetadataMode = Literal["embedded", "json", "none"]
+MediaPath = Annotated[str, Meta(min_length=1, max_length=4096)]
+Fraction = Annotated[float, Meta(ge=0.0, le=1.0)]
+
+
+class LoraRef(Struct, forbid_unknown_fields=True, kw_only=True):
+    """A LoRA asked for by a job: its name in the LoRA library (file stem or relative
+    path) and a multiplier in Wan2GP's syntax: "0.8" constant, "1,0.5" a per-step
+    schedule (the steps split evenly), "1;0" per phase of a two-expert Wan 2.2 model."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=1024)]
+    multiplier: Annotated[str, Meta(min_length=1, max_length=1024)] = "1"
+
+
 class GenerateSpec(
     Struct, tag="generate", tag_field="kind", forbid_unknown_fields=True, kw_only=True
 ):
-    """A Wan generation. Fields left out take the model's defaults at enqueue time.
+    """A Wan generation. Fields left out take the model's (or the daemon's) defaults at
+    enqueue time.
 
-    `kind` may be omitted on the wire (it defaults to "generate").
+    `kind` may be omitted on the wire (it defaults to "generate"). Media inputs are paths
+    the daemon can read; they are checked (exists, decodes, size) before queueing.
     """
 
     prompt: Annotated[str, Meta(min_length=1, max_length=20_000)]
@@ -137,19 +161,90 @@ class GenerateSpec(
     flow_shift: Annotated[float, Meta(gt=0.0, le=100.0)] | None = None
     output_name: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
     priority: Priority = 0
+    # conditioning media (image-to-video, video-to-video, VACE)
+    image: MediaPath | None = None  # start frame
+    last_image: MediaPath | None = None  # end frame (I2V models that take one)
+    video: MediaPath | None = None  # source video (V2V) or control video (VACE)
+    mask: MediaPath | None = None  # VACE mask (video or a single image)
+    reference_images: Annotated[list[MediaPath], Meta(max_length=8)] | None = None
+    strength: Fraction | None = None  # V2V: how much of the source video is renoised
+    # Wan 2.2 two-expert models
+    guidance_scale_2: Annotated[float, Meta(ge=0.0, le=100.0)] | None = None
+    boundary_ratio: Fraction | None = None
+    # engine: memory and speed
+    memory_profile: MemoryProfile | None = None
+    fp8: bool | None = None  # store weights in float8, compute in the job's dtype
+    step_cache: StepCache | None = None
+    step_cache_threshold: Annotated[float, Meta(gt=0.0, le=10.0)] | None = None
+    attention: AttentionBackend | None = None
+    compile: bool | None = None
+    preview_every: Annotated[int, Meta(ge=0, le=500)] | None = None  # 0: no previews
+    # adapters
+    loras: Annotated[list[LoraRef], Meta(max_length=32)] | None = None
+    preset: Annotated[str, Meta(min_length=1, max_length=1024)] | None = None
+    enhance_prompt: bool | None = None  # None: the daemon's enhancer setting
+    # media
+    audio: MediaPath | None = None  # audio (or a video with audio) to attach
+    metadata: MetadataMode | None = None
 
 
-# The tagged union of job kinds; more kinds (matting) join here.
-JobSpec = GenerateSpec
+class MatAnyOneSpec(
+    Struct, tag="matanyone", tag_field="kind", forbid_unknown_fields=True, kw_only=True
+):
+    """A MatAnyone matting run: a video (or one image) and the first frame's mask."""
+
+    input: MediaPath
+    mask: MediaPath
+    model: Annotated[str, Meta(min_length=1, max_length=4096)] | None = None  # weights
+    start_frame: Annotated[int, Meta(ge=0)] = 0
+    end_frame: Annotated[int, Meta(ge=1)] | None = None  # exclusive; None: to the end
+    erode: Annotated[int, Meta(ge=0, le=100)] = 0
+    dilate: Annotated[int, Meta(ge=0, le=100)] = 0
+    warmup: Annotated[int, Meta(ge=0, le=100)] = 10
+    max_size: Annotated[int, Meta(ge=64, le=8192)] | None = None  # longest side processed
+    mask_type: Literal["alpha", "foreground", "greenscreen"] = "alpha"
+    rgba_zip: bool = False
+    reattach_audio: bool = True
+    output_name: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
+    metadata: MetadataMode | None = None
+    priority: Priority = 0
+
+
+# The tagged union of job kinds ("kind" selects; missing means "generate").
+JobSpec = GenerateSpec | MatAnyOneSpec
+_JOB_SPEC_DECODER = msgspec.json.Decoder(JobSpec)
+_GENERATE_DECODER = msgspec.json.Decoder(GenerateSpec)
+
+
+def decode_job_spec(data: bytes | str) -> JobSpec:
+    """Decode a job spec; one without `kind` is a generation (the first protocol had
+    only those, and scripts written for it keep working)."""
+    try:
+        return _JOB_SPEC_DECODER.decode(data)
+    except msgspec.ValidationError as exc:
+        if str(exc) != "Object missing required field `kind`":
+            raise
+        return _GENERATE_DECODER.decode(data)
+
+
+class ResolvedLora(Struct, frozen=True, kw_only=True):
+    name: str
+    path: str
+    multiplier: str
+    sha256: str = ""
 
 
 class ResolvedGenerate(Struct, tag="generate", tag_field="kind", frozen=True, kw_only=True):
     """A generation with every default filled in: what the worker runs and the output
-    records. Running the same ResolvedGenerate twice gives the same frames."""
+    records. Running the same ResolvedGenerate twice gives the same frames.
+
+    Fields added after the first release all have defaults, so job records written by an
+    older daemon still decode.
+    """
 
     model: str  # the name the user gave or the registry default
     source: str  # what from_pretrained loads: a local folder or a hub id
-    prompt: str
+    prompt: str  # what the model is given (the enhanced prompt when enhanced)
     negative_prompt: str
     width: int
     height: int
@@ -161,9 +256,62 @@ class ResolvedGenerate(Struct, tag="generate", tag_field="kind", frozen=True, kw
     flow_shift: float
     output_name: str
     dtype: str = "float32"
+    family: str = ""  # the registry family ("wan2.1-t2v", "wan2.1-i2v", ...)
+    image: str | None = None  # absolute paths, checked at enqueue
+    last_image: str | None = None
+    video: str | None = None
+    mask: str | None = None
+    reference_images: list[str] = msgspec.field(default_factory=list)
+    inputs_sha256: dict[str, str] = msgspec.field(default_factory=dict)
+    strength: float | None = None
+    guidance_scale_2: float | None = None
+    boundary_ratio: float | None = None
+    memory_profile: str = "none"
+    fp8: bool = False
+    step_cache: str = "none"
+    step_cache_threshold: float | None = None
+    attention: str = "native"
+    compile: bool = False
+    preview_every: int = 0
+    loras: list[ResolvedLora] = msgspec.field(default_factory=list)
+    preset: str | None = None
+    original_prompt: str | None = None  # the user's prompt when `prompt` was enhanced
+    enhancer: dict[str, Any] | None = None  # provider, model, outcome (and why it failed)
+    audio: str | None = None
+    metadata: str = "embedded"
 
 
-ResolvedJob = ResolvedGenerate
+class ResolvedMatAnyOne(Struct, tag="matanyone", tag_field="kind", frozen=True, kw_only=True):
+    """A matting run with its inputs checked and every default filled in."""
+
+    input: str  # absolute path
+    mask: str
+    model: str  # weights name or path ("tiny" for the built-in random network)
+    start_frame: int
+    end_frame: int  # exclusive
+    frames: int  # end_frame - start_frame
+    width: int  # of the source
+    height: int
+    fps: float
+    erode: int
+    dilate: int
+    warmup: int
+    max_size: int | None
+    mask_type: str
+    rgba_zip: bool
+    reattach_audio: bool
+    output_name: str
+    metadata: str = "embedded"
+    inputs_sha256: dict[str, str] = msgspec.field(default_factory=dict)
+    seed: int = 0  # only the tiny random network uses it
+
+    @property
+    def steps(self) -> int:
+        """Progress is counted in frames."""
+        return self.frames
+
+
+ResolvedJob = ResolvedGenerate | ResolvedMatAnyOne
 
 
 # --- job records ---------------------------------------------------------------------

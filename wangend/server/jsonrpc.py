@@ -90,6 +90,7 @@ class Method:
     params: type | None = None
     requires_auth: bool = True
     positional: bool = False
+    decoder: Callable[[Any], Any] | None = None  # replaces msgspec's Decoder(params)
 
 
 class _Envelope(msgspec.Struct):
@@ -122,7 +123,9 @@ class _Bound:
 
     def __init__(self, method: Method) -> None:
         self.method = method
-        self.decode = msgspec.json.Decoder(method.params).decode if method.params else None
+        self.decode = method.decoder or (
+            msgspec.json.Decoder(method.params).decode if method.params else None
+        )
         self.struct = isinstance(method.params, type) and issubclass(method.params, msgspec.Struct)
         self.fields: tuple[bytes, ...] = ()
         if method.positional and self.struct:

@@ -36,6 +36,7 @@ from ..protocol import (
     StatusResult,
     SubscribeParams,
     SubscribeResult,
+    decode_job_spec,
 )
 from .jsonrpc import Dispatcher, Method
 
@@ -123,7 +124,7 @@ def build_methods(services: Services) -> list[Method]:
 
     return [
         Method("auth", auth, AuthParams, requires_auth=False),
-        Method("enqueue", enqueue, JobSpec),
+        Method("enqueue", enqueue, JobSpec, decoder=decode_job_spec),
         Method("status", status, StatusParams),
         Method("pause", pause, PauseParams),
         Method("resume", resume),
