@@ -1,4 +1,5 @@
-"""Videos round-trip through PyAV, names are never reused, temp files never stay."""
+"""The first writer API (writers.write_video / read_video_metadata): videos round-trip
+through PyAV, names are never reused, temp files never stay."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from wangend.errors import JobFailure
-from wangend.media import writers
+from wangend.media import atomic
 from wangend.media.metadata import build_metadata
 from wangend.media.writers import read_video_metadata, write_video
 from wangend.protocol import ResolvedGenerate
@@ -105,25 +106,25 @@ def test_unwritable_directory_names_the_path(tmp_path: Path) -> None:
     blocker.write_text("not a folder")
     with pytest.raises(JobFailure) as info:
         write_video(gradient(frames=1), blocker / "out", "clip", 8)
-    assert info.value.kind == "OutputError"
+    assert info.value.kind == "OutputWriteFailed"
     assert str(blocker / "out" / "clip.mp4") in info.value.message
-    assert info.value.message.startswith("cannot write ")
+    assert info.value.message.startswith("could not write ")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
 def test_read_only_directory(tmp_path: Path) -> None:
     folder = tmp_path / "ro"
     folder.mkdir(mode=0o500)
-    with pytest.raises(JobFailure, match=r"cannot write .*ro/clip\.mp4"):
+    with pytest.raises(JobFailure, match=r"could not write .*ro/clip\.mp4"):
         write_video(gradient(frames=1), folder, "clip", 8)
 
 
 def test_failure_after_encoding_leaves_no_temp_file(tmp_path: Path, monkeypatch) -> None:
     def broken_link(src, dst) -> None:
-        raise OSError(errno.EIO, "Input/output error")
+        raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(writers.os, "link", broken_link)
-    with pytest.raises(JobFailure, match="Input/output error"):
+    monkeypatch.setattr(atomic.os, "link", broken_link)
+    with pytest.raises(JobFailure, match="Read-only file system"):
         write_video(gradient(frames=2), tmp_path, "clip", 8)
     assert list(tmp_path.iterdir()) == []
 
@@ -137,8 +138,8 @@ def test_transient_errors_are_retried(tmp_path: Path, monkeypatch) -> None:
             raise OSError(errno.EBUSY, "Device or resource busy")
         real_link(src, dst)
 
-    monkeypatch.setattr(writers, "RETRY_DELAYS", (0.0, 0.0, 0.0))
-    monkeypatch.setattr(writers.os, "link", flaky_link)
+    monkeypatch.setattr(atomic.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(atomic.os, "link", flaky_link)
     path = write_video(gradient(frames=2), tmp_path, "clip", 8)
     assert path.name == "clip.mp4" and len(calls) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
@@ -148,7 +149,7 @@ def test_filesystem_without_hard_links(tmp_path: Path, monkeypatch) -> None:
     def no_link(src, dst) -> None:
         raise OSError(errno.EPERM, "Operation not permitted")
 
-    monkeypatch.setattr(writers.os, "link", no_link)
+    monkeypatch.setattr(atomic.os, "link", no_link)
     (tmp_path / "clip.mp4").write_bytes(b"old")
     path = write_video(gradient(frames=2), tmp_path, "clip", 8)
     assert path.name == "clip(2).mp4" and (tmp_path / "clip.mp4").read_bytes() == b"old"
@@ -182,6 +183,7 @@ def test_build_metadata() -> None:
     when = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
     doc = build_metadata(9, job, {"load": 1.23456}, device="cpu", created_at=when)
     assert doc["job"] == 9 and doc["device"] == "cpu" and doc["wangend"]
+    assert doc["format"] == "wangend.output/1" and doc["kind"] == "generate"
     assert doc["created_at"] == "2025-01-02T03:04:05+00:00"
     assert doc["timings"] == {"load": 1.2346}
     assert msgspec.convert(doc["settings"], ResolvedGenerate) == job

@@ -1,0 +1,182 @@
+"""Putting one file into the output folder so that a file under its final name is whole.
+
+Every output (video, image, sidecar, source image) goes the same way:
+
+1. `write(temp)` fills a hidden temp file in the destination folder
+   (`.stem.<random>.tmp.ext`: same filesystem, so the last step is a rename, not a copy);
+2. the data is fsynced before any name points at it;
+3. the temp file is hard-linked to the first free name, `stem.ext`, `stem(2).ext`, ...
+   A link fails when the name exists, so claiming is atomic even against a second writer
+   in the same instant and an existing file is never replaced. Filesystems without hard
+   links (some FUSE and SMB mounts) reserve the name with O_EXCL and move the data over it;
+4. the directory is fsynced and the temp file removed, whatever happened.
+
+Transient errors are retried from step 1 with exponential backoff, each retry logged:
+EAGAIN/EWOULDBLOCK, EINTR, EBUSY, ETIMEDOUT, ESTALE (busy or flaky network shares), EIO
+(an NFS soft mount that timed out) and ENOSPC/EDQUOT (space is often freed within seconds
+when other jobs' temp files go away; waiting costs little next to losing a finished
+render). Permission, read-only filesystem, not-a-directory and name-too-long errors never
+heal by waiting and fail at once. The final failure is
+`JobFailure("OutputWriteFailed", "could not write <path>: <reason> ...")`.
+
+Use: `publish(folder, stem, ".mp4", encode_into, policy)` returns the final Path.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import msgspec
+
+from ..errors import JobFailure
+
+__all__ = ["RETRYABLE_ERRNOS", "RetryPolicy", "fsync_dir", "publish", "with_retries"]
+
+log = logging.getLogger("wangend.media")
+
+T = TypeVar("T")
+
+RETRYABLE_ERRNOS = frozenset(
+    {
+        errno.EAGAIN,
+        errno.EWOULDBLOCK,
+        errno.EINTR,
+        errno.EBUSY,
+        errno.ETIMEDOUT,
+        errno.ESTALE,
+        errno.EIO,
+        errno.ENOSPC,
+        errno.EDQUOT,
+    }
+)
+# errnos meaning "this filesystem cannot hard-link": fall back to an O_EXCL placeholder.
+NO_LINK_ERRNOS = frozenset({errno.EPERM, errno.EXDEV, errno.EMLINK, errno.EOPNOTSUPP})
+MAX_NAME_TRIES = 10_000
+
+
+class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """`retries` extra attempts after the first; the n-th retry waits
+    backoff * 3**(n-1) seconds, at most `max_delay`."""
+
+    retries: int = 3
+    backoff: float = 0.2
+    max_delay: float = 5.0
+
+    def delay(self, retry: int) -> float:
+        return min(self.max_delay, self.backoff * 3 ** (retry - 1))
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def with_retries(target: Path, attempt: Callable[[], T], policy: RetryPolicy) -> T:
+    """Run `attempt` until it succeeds, retrying transient OSErrors; `target` names the
+    file in the log and in the JobFailure."""
+    tries = policy.retries + 1
+    for n in range(1, tries + 1):
+        try:
+            return attempt()
+        except OSError as exc:
+            transient = exc.errno in RETRYABLE_ERRNOS
+            if transient and n < tries:
+                wait = policy.delay(n)
+                log.warning(
+                    "writing %s failed (%s); retry %d of %d in %.2f s",
+                    target, _reason(exc), n, policy.retries, wait,
+                )  # fmt: skip
+                time.sleep(wait)
+                continue
+            after = f" after {n} attempts" if n > 1 else ""
+            raise JobFailure(
+                "OutputWriteFailed", f"could not write {target}: {_reason(exc)}{after}"
+            ) from exc
+    raise AssertionError("unreachable")
+
+
+def publish(
+    folder: Path,
+    stem: str,
+    suffix: str,
+    write: Callable[[Path], None],
+    policy: RetryPolicy,
+    *,
+    reserve: Sequence[str] = (),
+) -> Path:
+    """Write a new file `folder/stem<suffix>` (or the first free `stem(N)<suffix>`) with
+    `write(temp_path)` and return its absolute path. `reserve`: other suffixes that must be
+    free under the same `stem(N)` too, so companions (`stem(N).json`) pair with it."""
+    if not stem or Path(stem).name != stem or stem.startswith(".") or "\\" in stem:
+        raise JobFailure("OutputWriteFailed", f"could not write {stem!r}: not a file name")
+    folder = Path(folder).absolute()
+    return with_retries(
+        folder / f"{stem}{suffix}",
+        lambda: _publish_once(folder, stem, suffix, write, reserve),
+        policy,
+    )
+
+
+def _publish_once(
+    folder: Path, stem: str, suffix: str, write: Callable[[Path], None], reserve: Sequence[str]
+) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    temp = folder / f".{stem}.{secrets.token_hex(4)}.tmp{suffix}"
+    try:
+        write(temp)
+        with open(temp, "rb") as handle:  # the data is on disk before the name appears
+            os.fsync(handle.fileno())
+        return _claim(temp, folder, stem, suffix, reserve)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _claim(temp: Path, folder: Path, stem: str, suffix: str, reserve: Sequence[str]) -> Path:
+    """Give `temp` the first free final name; never replaces an existing file."""
+    for n in range(1, MAX_NAME_TRIES + 1):
+        name = stem if n == 1 else f"{stem}({n})"
+        final = folder / f"{name}{suffix}"
+        if any((folder / f"{name}{other}").exists() for other in reserve):
+            continue
+        try:
+            os.link(temp, final)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            if exc.errno not in NO_LINK_ERRNOS:
+                raise
+            # No hard links here: reserve the name with O_EXCL, then move the data over it.
+            try:
+                os.close(os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            except FileExistsError:
+                continue
+            try:
+                os.replace(temp, final)
+            except OSError:
+                final.unlink(missing_ok=True)  # never leave the empty placeholder
+                raise
+        fsync_dir(folder)
+        return final
+    raise OSError(errno.EEXIST, f"no free name for {stem}{suffix} after {MAX_NAME_TRIES} tries")
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable; a no-op where directories cannot be synced."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
