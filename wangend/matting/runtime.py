@@ -1,0 +1,245 @@
+"""Running one matting job: decode, matte frame by frame, composite, save.
+
+    1. loading   the network for the job's weights (kept warm for the next job that
+                 names the same weights)
+    2. matting   frame 0 with the mask (+ warm-up passes), then one step per frame; after
+                 each frame: progress, then the abort/pause boundary
+    3. saving    composite, encode under <output_dir>/mask_outputs/, reattach audio,
+                 write the RGBA ZIP
+
+Nothing is written before phase 3 begins, and phase 3 begins only after a last abort
+check, so an aborted job leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import JobFailure
+from ..pipelines.control import JobControl, RunHooks
+from ..pipelines.inputs import sanitise
+from ..protocol import ResolvedMatAnyOne
+from .engine import MattingEngine
+from .inputs import IMAGE_SUFFIXES, OUTPUT_FOLDER, load_mask, mask_warnings
+from .network import MatAnyOneNet
+from .postprocess import (
+    composite,
+    reattach_audio,
+    refine_mask,
+    write_output_video,
+    write_rgba_zip,
+)
+from .weights import WeightsError, build_network
+
+__all__ = ["MattingRuntime", "decode_frames", "processing_size", "render_stem"]
+
+MAX_STEM_BYTES = 180
+
+
+def processing_size(width: int, height: int, max_size: int | None) -> tuple[int, int]:
+    """The (width, height) the network sees: the longest side capped at `max_size`,
+    aspect kept, even numbers."""
+    if not max_size or max(width, height) <= max_size:
+        return width, height
+    scale = max_size / max(width, height)
+    return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
+
+
+def decode_frames(path: Path, start: int, end: int) -> np.ndarray:
+    """Frames [start, end) as (F, H, W, 3) uint8 RGB."""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        from PIL import Image
+
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))[None].copy()
+    import av
+
+    out: list[np.ndarray] = []
+    with av.open(str(path)) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i >= end:
+                break
+            if i >= start:
+                out.append(frame.to_ndarray(format="rgb24"))
+    if len(out) != end - start:
+        raise ValueError(f"expected {end - start} frames from {path}, decoded {len(out)}")
+    return np.stack(out)
+
+
+def render_stem(job: ResolvedMatAnyOne, job_id: int, now: datetime | None = None) -> str:
+    model = job.model.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+    values = {
+        "job": str(job_id),
+        "date": (now or datetime.now()).strftime("%Y%m%d-%H%M%S"),
+        "input": sanitise(Path(job.input).stem, 40) or "input",
+        "model": sanitise(model) or "model",
+        "mask_type": job.mask_type,
+        "frames": str(job.frames),
+    }
+    stem = sanitise(job.output_name.format(**values)) or f"job-{job_id}"
+    return stem.encode("utf-8")[:MAX_STEM_BYTES].decode("utf-8", "ignore").strip(".-_") or (
+        f"job-{job_id}"
+    )
+
+
+def _pad16(x: torch.Tensor) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    return F.pad(x, (0, (-w) % 16, 0, (-h) % 16), mode="replicate")
+
+
+class MattingRuntime:
+    """Owns the warm network (one, keyed by its weights) and runs matting jobs."""
+
+    def __init__(self, output_dir: Path, weights: str = "tiny", device: str = "auto") -> None:
+        self.output_dir = Path(output_dir)
+        self.default_weights = weights
+        self.device = (
+            ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        )
+        self._net: MatAnyOneNet | None = None
+        self._net_key: tuple[str, int] | None = None
+        self._net_source = ""
+
+    @property
+    def loaded_weights(self) -> str | None:
+        return self._net_key[0] if self._net_key else None
+
+    def network(self, weights: str, seed: int, hooks: RunHooks) -> MatAnyOneNet:
+        key = (weights, seed if weights == "tiny" else 0)
+        if self._net is not None and self._net_key == key:
+            return self._net
+        self._net = self._net_key = None  # drop the old one before building the next
+        hooks.model_loading(weights, {"kind": "matanyone", "reason": "job"})
+        started = time.perf_counter()
+        try:
+            net, source = build_network(weights, self.device, seed=key[1])
+        except WeightsError as exc:
+            raise JobFailure("ModelUnavailable", str(exc)) from None
+        self._net, self._net_key, self._net_source = net, key, source
+        seconds = round(time.perf_counter() - started, 3)
+        hooks.model_loaded(
+            weights,
+            {"kind": "matanyone", "source": source, "device": self.device, "seconds": seconds},
+        )
+        return net
+
+    def run(
+        self, job_id: int, job: ResolvedMatAnyOne, control: JobControl, hooks: RunHooks
+    ) -> list[str]:
+        """Matte one job; returns the absolute output paths."""
+        control.check_abort()
+        n = job.frames
+        hooks.progress(0, n, "loading")
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        net = self.network(job.model or self.default_weights, job.seed, hooks)
+        try:
+            frames = decode_frames(Path(job.input), job.start_frame, job.end_frame)
+            mask = load_mask(Path(job.mask))
+        except Exception as exc:
+            raise JobFailure("InvalidInput", f"cannot read the inputs: {exc}") from None
+        timings["load"] = time.perf_counter() - started
+        control.check_abort()
+
+        started = time.perf_counter()
+        alpha = self._matte(net, frames, mask, job, control, hooks)
+        timings["matting"] = time.perf_counter() - started
+
+        control.check_abort()  # the last chance: from here on files get written
+        hooks.progress(n, n, "saving")
+        started = time.perf_counter()
+        paths = self._save(job_id, job, frames, alpha, mask.shape, timings)
+        timings["save"] = time.perf_counter() - started
+        return [str(p) for p in paths]
+
+    def _matte(
+        self,
+        net: MatAnyOneNet,
+        frames: np.ndarray,
+        mask: np.ndarray,
+        job: ResolvedMatAnyOne,
+        control: JobControl,
+        hooks: RunHooks,
+    ) -> np.ndarray:
+        n, h, w = frames.shape[:3]
+        pw, ph = processing_size(w, h, job.max_size)
+        dev = torch.device(self.device)
+        m = torch.from_numpy(mask)
+        if m.shape != (h, w):
+            m = F.interpolate(m[None, None], size=(h, w), mode="bilinear", align_corners=False)[
+                0, 0
+            ]
+        m = refine_mask(m, job.dilate, job.erode)
+        if (pw, ph) != (w, h):
+            m = F.interpolate(m[None, None], size=(ph, pw), mode="area")[0, 0]
+        m = _pad16(m[None].to(dev))[0]
+
+        def prepare(i: int) -> torch.Tensor:
+            x = torch.from_numpy(frames[i]).to(dev).permute(2, 0, 1).float() / 255.0
+            if (pw, ph) != (w, h):
+                x = F.interpolate(x[None], size=(ph, pw), mode="area")[0]
+            return _pad16(x)
+
+        def restore(a: torch.Tensor) -> np.ndarray:
+            a = a[:ph, :pw]
+            if (pw, ph) != (w, h):
+                a = F.interpolate(a[None, None], size=(h, w), mode="bilinear",
+                                  align_corners=False)[0, 0]  # fmt: skip
+            return a.clamp(0, 1).float().cpu().numpy()
+
+        engine = MattingEngine(net, net.cfg.memory)
+        out = np.empty((n, h, w), dtype=np.float32)
+        for i in range(n):
+            a = engine.first(prepare(0), m, job.warmup) if i == 0 else engine.step(prepare(i))
+            out[i] = restore(a)
+            hooks.progress(i + 1, n, "matting")
+            control.step_boundary(hooks, i + 1, n)
+        return out
+
+    def _save(
+        self,
+        job_id: int,
+        job: ResolvedMatAnyOne,
+        frames: np.ndarray,
+        alpha: np.ndarray,
+        mask_shape: tuple[int, ...],
+        timings: dict[str, float],
+    ) -> list[Path]:
+        folder = self.output_dir / OUTPUT_FOLDER
+        stem = render_stem(job, job_id)
+        metadata: dict[str, Any] = {
+            "kind": "matanyone",
+            "job": job_id,
+            "input": job.input,
+            "mask": job.mask,
+            "inputs_sha256": job.inputs_sha256,
+            "model": job.model,
+            "weights": self._net_source,
+            "frames": [job.start_frame, job.end_frame],
+            "size": [job.width, job.height],
+            "processing_size": list(processing_size(job.width, job.height, job.max_size)),
+            "mask_type": job.mask_type,
+            "erode": job.erode,
+            "dilate": job.dilate,
+            "warmup": job.warmup,
+            "device": self.device,
+            "warnings": mask_warnings((mask_shape[1], mask_shape[0]), (job.width, job.height)),
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+            "alpha_sha256": hashlib.sha256(alpha.tobytes()).hexdigest(),
+        }
+        video = write_output_video(composite(frames, alpha, job.mask_type), folder, stem, job.fps,
+                                   metadata if job.metadata == "embedded" else None)  # fmt: skip
+        paths = [video]
+        if job.reattach_audio and Path(job.input).suffix.lower() not in IMAGE_SUFFIXES:
+            reattach_audio(video, Path(job.input))
+        if job.rgba_zip:
+            paths.append(write_rgba_zip(frames, alpha, folder, f"{video.stem}_rgba"))
+        return paths
