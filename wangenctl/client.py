@@ -49,12 +49,15 @@ from wangend.protocol import (
     Event,
     JobRecord,
     JobsResult,
+    LorasResult,
     ModelsResult,
     MoveResult,
     OkResult,
+    PresetsResult,
     QueueStateResult,
     StatusResult,
     SubscribeResult,
+    ValidateResult,
     default_socket_path,
     default_token_file,
 )
@@ -403,6 +406,18 @@ class Client:
 
     async def shutdown(self, mode: str = "graceful") -> OkResult:
         return await self.call("shutdown", {"mode": mode}, OkResult)
+
+    async def validate(self, spec: msgspec.Struct | Mapping[str, Any]) -> ValidateResult:
+        return await self.call("validate", spec, ValidateResult)
+
+    async def loras(self, model: str | None = None, state: bool = False) -> LorasResult:
+        params: dict[str, Any] = {"state": state}
+        if model:
+            params["model"] = model
+        return await self.call("loras", params, LorasResult)
+
+    async def presets(self) -> PresetsResult:
+        return await self.call("presets", None, PresetsResult)
 
     # --- the reader ----------------------------------------------------------------------
 

@@ -68,6 +68,15 @@ def format_seconds(seconds: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+def _format_bytes(size: int) -> str:
+    """`812 KB`, `2.4 GB`: decimal units, as disks and the hub count them."""
+    if size < 1_000_000:
+        return f"{size / 1000:.0f} KB"
+    if size < 1_000_000_000:
+        return f"{size / 1e6:.1f} MB"
+    return f"{size / 1e9:.1f} GB"
+
+
 def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
@@ -466,6 +475,27 @@ class _HumanEvents:
         if task is not None and self._progress is not None:
             self._progress.remove_task(task)
 
+    def _loading(self, d: dict[str, Any]) -> None:
+        """A model load: the first event is a line; the next ones (one per component
+        read) move the job's bar by bytes, or make a line each where there is no bar."""
+        done, parts = int(d.get("components_loaded") or 0), int(d.get("components_total") or 0)
+        got, total = int(d.get("bytes_loaded") or 0), int(d.get("bytes_total") or 0)
+        if done == 0:
+            self._say(f"loading model {d.get('model')} on {d.get('device')}")
+        counted = f"{done}/{parts} parts, {_format_bytes(got)}/{_format_bytes(total)}"
+        if self._progress is None or self._current is None:
+            if done:
+                self._say(f"loading model {d.get('model')}: {counted} ({d.get('component')})")
+            return
+        job = self._current
+        self._phase[job] = "loading model"
+        fields = {"phase": "loading model", "steps": counted if parts else "", "eta": "-"}
+        if job not in self._tasks:
+            self._tasks[job] = self._progress.add_task(f"job {job}", total=None, **fields)
+        self._progress.update(
+            self._tasks[job], total=total or None, completed=got, refresh=True, **fields
+        )
+
     def seed(self, record: JobRecord) -> None:
         """Start from a job's recorded state (watching a job that is already under way)."""
         p = record.progress
@@ -497,9 +527,7 @@ class _HumanEvents:
             self._say(f"job {job} started ({d.get('model')}, attempt {d.get('attempt')})")
             self._update(job, "starting")
         elif kind == "model.loading":
-            self._say(f"loading model {d.get('model')} on {d.get('device')}")
-            if self._current is not None:
-                self._update(self._current, "loading model")
+            self._loading(d)
         elif kind == "model.loaded":
             self._say(f"model {d.get('model')} loaded in {format_seconds(d.get('seconds'))}")
         elif kind in ("job.paused", "job.resumed") and job is not None:

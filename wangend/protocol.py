@@ -38,7 +38,10 @@ __all__ = [
     "JobState",
     "JobsParams",
     "JobsResult",
+    "LoraInfo",
     "LoraRef",
+    "LorasParams",
+    "LorasResult",
     "MatAnyOneSpec",
     "ModelInfo",
     "ModelsResult",
@@ -46,6 +49,8 @@ __all__ = [
     "MoveResult",
     "OkResult",
     "PauseParams",
+    "PresetInfo",
+    "PresetsResult",
     "Progress",
     "QueueCounts",
     "QueueStateResult",
@@ -59,6 +64,7 @@ __all__ = [
     "StatusResult",
     "SubscribeParams",
     "SubscribeResult",
+    "ValidateResult",
     "decode_job_spec",
     "default_output_dir",
     "default_socket_path",
@@ -478,10 +484,55 @@ class ModelInfo(Struct, kw_only=True):
     available: bool = False  # on disk (or buildable offline)
     loaded: bool = False
     default: bool = False
+    # job fields beyond the common ones this model takes / cannot run without
+    # ("image", "last_image", "video", "mask", "reference_images", "strength", ...)
+    accepts: list[str] = msgspec.field(default_factory=list)
+    requires: list[str] = msgspec.field(default_factory=list)
 
 
 class ModelsResult(Struct, kw_only=True):
     models: list[ModelInfo]
+
+
+class ValidateResult(Struct, kw_only=True):
+    """`validate`: what `enqueue` would queue, without queueing it (a dry run)."""
+
+    spec: ResolvedJob
+    plan: dict[str, Any] = msgspec.field(default_factory=dict)  # e.g. frames, sizes, outputs
+
+
+class LorasParams(Params):
+    model: Annotated[str, Meta(min_length=1, max_length=4096)] | None = None
+    state: bool = False  # also report what is loaded in the warm pipeline
+
+
+class LoraInfo(Struct, kw_only=True):
+    name: str
+    path: str
+    size: int = 0
+    format: str = ""  # diffusers | wan | kohya
+    rank: int | None = None
+    error: str | None = None  # why the file cannot be used, when it cannot
+
+
+class LorasResult(Struct, kw_only=True):
+    family: str
+    folders: list[str]
+    loras: list[LoraInfo]
+    state: dict[str, Any] | None = None
+
+
+class PresetInfo(Struct, kw_only=True):
+    name: str
+    path: str
+    loras: list[LoraRef] = msgspec.field(default_factory=list)
+    prompt: str | None = None
+    error: str | None = None
+
+
+class PresetsResult(Struct, kw_only=True):
+    folders: list[str]
+    presets: list[PresetInfo]
 
 
 # --- default locations ------------------------------------------------------------------

@@ -78,9 +78,12 @@ class JobControl:
 class RunHooks(Protocol):
     """What a run reports. Implemented by the queue side; called on the worker thread."""
 
-    def progress(self, step: int, steps: int, phase: str) -> None:
+    def progress(
+        self, step: int, steps: int, phase: str, preview: dict[str, Any] | None = None
+    ) -> None:
         """After each denoising step (phase "denoising"), and on phase changes
-        ("loading", "encoding", "decoding", "saving") with the step count so far."""
+        ("loading", "encoding", "decoding", "saving") with the step count so far.
+        `preview`: a small JPEG of the latents (previews.PreviewMaker) when one is due."""
 
     def paused(self, step: int, steps: int) -> None:
         """The worker is now holding at a step boundary."""

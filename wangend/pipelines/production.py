@@ -1,29 +1,56 @@
-"""ProductionManager: the one warm pipeline and the decision to keep or replace it.
+"""ProductionManager: the warm pipeline and the decision to keep, park or replace it.
 
-Loading a Wan model takes seconds to minutes and most of the GPU, so the daemon keeps
-exactly one pipeline warm and reuses it while jobs ask for the same (source, dtype,
-device). A different model releases the old pipeline completely first (dropping every
-reference, collecting, emptying the CUDA cache): two 14B models never sit in memory at
-once.
+Loading a Wan model takes seconds to minutes and most of the GPU, so the daemon keeps one
+pipeline warm and reuses it while jobs ask for the same load key: (source, device) plus
+`EngineOptions.load_key` (dtype, memory profile, fp8, compile), the settings that change
+the loaded modules. Step cache and attention backend are per-run settings applied by
+`run_scope` and never force a reload. Anything else releases the old pipeline completely
+first (dropping every reference, collecting, emptying the CUDA cache): two 14B models
+never sit on the device at once.
 
-Loading always goes through `from_pretrained(..., use_safetensors=True)`, for every
-component including the tokenizer and text encoder of a user's folder, so no pickle is
-ever unpickled. The local cache is tried first (`local_files_only=True`), and the hub only
-when downloads are allowed (not under HF_HUB_OFFLINE). Every way a load can fail becomes
+With `keep_models_gb` > 0 a replaced pipeline (memory profile "none" only: offloaded
+ones carry device hooks that moving would break) is parked in CPU memory instead,
+least recently used first out, within that many GiB; a job that switches back moves it to
+the device instead of reading it from disk again.
+
+Loading reads the folder component by component (in model_index.json order), so
+`model.loading` events report components and bytes loaded so far (bytes: the sizes of
+each component's safetensors files). Every weight is read with safetensors only, so no
+pickle is ever unpickled. The local cache is tried first, the hub only when downloads are
+allowed (not under HF_HUB_OFFLINE). Every way a load can fail becomes
 `JobFailure("ModelUnavailable", <one sentence>)`; tracebacks stay in the log.
+
+How to call it::
+
+    pipe = manager.ensure(record, EngineOptions.from_job(job, manager.job_dtype(job.dtype)), hooks)
+    with manager.run_scope(pipe, options, steps=job.steps) as scope:
+        pipe(...)
 """
 
 from __future__ import annotations
 
 import gc
+import importlib
+import json
 import os
 import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import JobFailure
+from .acceleration import (
+    EngineOptions,
+    MagRatioTable,
+    RunReport,
+    apply_load_settings,
+    run_settings,
+    settle_options,
+)
 from .control import RunHooks
 from .registry import ModelRecord, ModelRegistry, check_folder
 from .tiny import ensure_tiny_model
@@ -32,6 +59,7 @@ __all__ = ["DTYPES", "ProductionManager", "resolve_device", "resolve_dtype"]
 
 DTYPES = ("float32", "bfloat16", "float16")
 OOM_ERRORS: tuple[type[BaseException], ...] = (getattr(torch, "OutOfMemoryError", MemoryError),)
+GIB = 1 << 30
 
 
 def resolve_device(device: str) -> str:
@@ -65,8 +93,39 @@ def _env_offline() -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _free_device_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def pipeline_bytes(pipe: Any) -> int:
+    """Bytes held by a pipeline's modules (parameters and buffers)."""
+    total = 0
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            for tensor in (*component.parameters(), *component.buffers()):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def component_plan(folder: Path) -> list[tuple[str, str, str, int]]:
+    """(name, library, class, safetensors bytes) per component, in model_index order."""
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    plan = []
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list) or len(value) != 2:
+            continue
+        library, cls = value
+        if not library or not cls:
+            continue
+        size = sum(f.stat().st_size for f in (folder / name).glob("*.safetensors"))
+        plan.append((name, library, cls, size))
+    return plan
+
+
 class ProductionManager:
-    """Owns the warm pipeline. Used from the worker thread only."""
+    """Owns the warm pipeline (and parked ones). Used from the worker thread only."""
 
     def __init__(
         self,
@@ -74,14 +133,19 @@ class ProductionManager:
         device: str = "auto",
         dtype: str = "auto",
         allow_download: bool | None = None,  # None: unless HF_HUB_OFFLINE is set
+        keep_models_gb: float = 0.0,
     ) -> None:
         self.registry = registry
         self._device = resolve_device(device)
         self._dtype = resolve_dtype(dtype, self._device)
         self.allow_download = allow_download
+        self.keep_bytes = int(keep_models_gb * GIB)
+        self.mag_ratios = MagRatioTable()
         self._pipe: Any = None
-        self._key: tuple[str, str, str] | None = None
+        self._key: tuple[Any, ...] | None = None
         self._model: str | None = None
+        # load key -> (pipeline, model name, bytes); the last entry is the most recent.
+        self._parked: OrderedDict[tuple[Any, ...], tuple[Any, str, int]] = OrderedDict()
 
     @property
     def device(self) -> str:
@@ -101,6 +165,11 @@ class ProductionManager:
         """The warm pipeline, or None."""
         return self._pipe
 
+    @property
+    def parked(self) -> list[tuple[str, int]]:
+        """(model, bytes) of each parked pipeline, least recently used first."""
+        return [(model, size) for _pipe, model, size in self._parked.values()]
+
     def downloads_allowed(self) -> bool:
         if self.allow_download is not None:
             return self.allow_download
@@ -112,105 +181,194 @@ class ProductionManager:
         """The concrete dtype a job runs in ("auto" -> this manager's default)."""
         return self._dtype if dtype == "auto" else resolve_dtype(dtype, self._device)
 
-    def ensure(self, record: ModelRecord, dtype: str, hooks: RunHooks) -> Any:
-        """The warm pipeline for `record` in `dtype`, loading it if needed."""
-        dtype_name = self.job_dtype(dtype)
-        key = (record.source, dtype_name, self._device)
+    def ensure(self, record: ModelRecord, options: EngineOptions | str, hooks: RunHooks) -> Any:
+        """The warm pipeline for `record` set up as `options` asks, loading it if needed.
+        A plain dtype string (the older call) means default options in that dtype."""
+        if isinstance(options, str):
+            options = EngineOptions(dtype=self.job_dtype(options))
+        options, _notes = settle_options(options, self._device)
+        key = (record.source, self._device, *options.load_key)
         if self._pipe is not None and self._key == key:
             self._model = record.name
             return self._pipe
         reason = "cold" if self._pipe is None else "switch"
-        self.release()
+        parked = self._parked.pop(key, None)  # before parking the current one evicts it
+        self._put_away()
         data: dict[str, Any] = {
             "source": record.source,
             "device": self._device,
-            "dtype": dtype_name,
+            "dtype": options.dtype,
+            "memory_profile": options.memory_profile,
+            "fp8": options.fp8,
             "reason": reason,
         }
-        hooks.model_loading(record.name, data)
         started = time.perf_counter()
-        pipe = self._load(record, dtype_name)
+        if parked is not None:
+            hooks.model_loading(record.name, {**data, "reason": "unpark"})
+            pipe = parked[0]
+            pipe.to(self._device)
+            data["reason"] = "unpark"
+        else:
+            pipe = self._load(record, options, hooks, data)
         self._pipe, self._key, self._model = pipe, key, record.name
         hooks.model_loaded(
             record.name, {**data, "seconds": round(time.perf_counter() - started, 3)}
         )
         return pipe
 
-    def release(self) -> None:
-        """Drop the warm pipeline and give its memory back."""
-        if self._pipe is None:
-            return
-        self._pipe = self._key = self._model = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    @contextmanager
+    def run_scope(self, pipe: Any, options: EngineOptions, *, steps: int) -> Iterator[RunReport]:
+        """Per-run settings (step cache, attention backend) for one run of `pipe`, removed
+        afterwards even on abort; ratios a "mag" run measured are kept for this model."""
+        options, notes = settle_options(options, self._device)
+        source = self._key[0] if self._key is not None and pipe is self._pipe else ""
+        with run_settings(
+            pipe, options, steps=steps, mag_ratios=self.mag_ratios.get(source)
+        ) as report:
+            report.notes[:0] = notes
+            yield report
+        if report.measured_ratios and source:
+            self.mag_ratios.record(source, report.measured_ratios)
 
-    def _load(self, record: ModelRecord, dtype_name: str) -> Any:
+    def release(self) -> None:
+        """Drop the warm pipeline and every parked one, and give their memory back."""
+        self._pipe = self._key = self._model = None
+        self._parked.clear()
+        _free_device_memory()
+
+    def _put_away(self) -> None:
+        """Park the warm pipeline if the budget allows, else drop it."""
+        pipe, key, model = self._pipe, self._key, self._model
+        self._pipe = self._key = self._model = None
+        if pipe is None or key is None or model is None:
+            return
+        size = pipeline_bytes(pipe)
+        if key[3] == "none" and 0 < size <= self.keep_bytes:
+            while (
+                self._parked and sum(s for *_, s in self._parked.values()) + size > self.keep_bytes
+            ):
+                self._parked.popitem(last=False)
+            pipe.to("cpu")
+            self._parked[key] = (pipe, model, size)
+        del pipe
+        _free_device_memory()
+
+    def _folder(self, record: ModelRecord) -> Path:
+        """The local diffusers folder to load `record` from, downloading if allowed."""
+        name = record.name
+        if record.tiny:
+            folder = Path(record.source)
+            ensure_tiny_model(folder.parent, name=folder.name)
+        if record.kind == "hub":
+            return self._hub_folder(record)
+        folder = Path(record.source)
+        if not folder.is_dir():
+            raise JobFailure("ModelUnavailable", f"model {name}: folder {folder} is gone")
+        missing = check_folder(folder)[1]
+        if missing:
+            raise JobFailure(
+                "ModelUnavailable",
+                f"model {name} cannot load from {folder}: missing {', '.join(missing)}",
+            )
+        return folder
+
+    def _hub_folder(self, record: ModelRecord) -> Path:
+        import diffusers
+
+        pipeline_cls = getattr(diffusers, record.pipeline)
+        try:
+            folder = Path(
+                pipeline_cls.download(record.source, local_files_only=True, use_safetensors=True)
+            )
+            if not check_folder(folder)[1]:
+                return folder
+            problem: Exception = FileNotFoundError(", ".join(check_folder(folder)[1]))
+        except Exception as exc:
+            problem = exc
+        if not self.downloads_allowed():
+            raise JobFailure(
+                "ModelUnavailable",
+                f"model {record.name} ({record.source}) is not complete in the local Hugging "
+                "Face cache and downloading is switched off",
+            ) from problem
+        try:
+            return Path(pipeline_cls.download(record.source, use_safetensors=True))
+        except Exception as exc:
+            raise JobFailure(
+                "ModelUnavailable",
+                f"model {record.name} could not be downloaded from the Hugging Face hub "
+                f"({record.source}): {one_line(exc)}",
+            ) from exc
+
+    def _load(
+        self, record: ModelRecord, options: EngineOptions, hooks: RunHooks, data: dict[str, Any]
+    ) -> Any:
         import diffusers
 
         name = record.name
-        if record.tiny:
-            ensure_tiny_model(Path(record.source).parent)
-        if record.kind != "hub":
-            folder = Path(record.source)
-            if not folder.is_dir():
-                raise JobFailure("ModelUnavailable", f"model {name}: folder {folder} is gone")
-            missing = check_folder(folder)[1]
-            if missing:
-                raise JobFailure(
-                    "ModelUnavailable",
-                    f"model {name} cannot load from {folder}: missing {', '.join(missing)}",
-                )
-        pipeline_cls = getattr(diffusers, record.pipeline)
-        torch_dtype = getattr(torch, dtype_name)
-        # Keep the VAE in float32 under half precision: Wan's VAE decodes visibly worse
-        # in bf16 and is small next to the transformer.
-        dtype: Any = (
-            torch_dtype
-            if dtype_name == "float32"
-            else {"default": torch_dtype, "vae": torch.float32}
-        )
-
-        def load(local_only: bool) -> Any:
-            return pipeline_cls.from_pretrained(
-                record.source, dtype=dtype, use_safetensors=True, local_files_only=local_only
-            )
-
+        folder = self._folder(record)
+        plan = component_plan(folder)
+        total = sum(size for *_, size in plan)
+        progress = {
+            **data,
+            "components_loaded": 0,
+            "components_total": len(plan),
+            "bytes_loaded": 0,
+            "bytes_total": total,
+        }
+        hooks.model_loading(name, dict(progress))
+        torch_dtype = getattr(torch, options.dtype)
+        components: dict[str, Any] = {}
         try:
             try:
-                pipe = load(local_only=True)
+                for index, (part, library, cls_name, size) in enumerate(plan, start=1):
+                    # The VAE stays in float32 under half precision: Wan's VAE decodes
+                    # visibly worse in bf16 and is small next to the transformer.
+                    dtype = torch.float32 if part == "vae" else torch_dtype
+                    components[part] = _load_component(folder, part, library, cls_name, dtype)
+                    progress.update(
+                        component=part,
+                        components_loaded=index,
+                        bytes_loaded=progress["bytes_loaded"] + size,
+                    )
+                    hooks.model_loading(name, dict(progress))
+                pipeline_cls = getattr(diffusers, record.pipeline)
+                pipe = pipeline_cls.from_pretrained(
+                    folder, **components, local_files_only=True, use_safetensors=True
+                )
             except OOM_ERRORS:
                 raise
             except Exception as exc:
-                if record.kind != "hub":
-                    raise JobFailure(
-                        "ModelUnavailable",
-                        f"model {name} could not be loaded from {record.source}: {one_line(exc)}",
-                    ) from exc
-                if not self.downloads_allowed():
-                    raise JobFailure(
-                        "ModelUnavailable",
-                        f"model {name} ({record.source}) is not complete in the local Hugging "
-                        "Face cache and downloading is switched off",
-                    ) from exc
-                try:
-                    pipe = load(local_only=False)
-                except OOM_ERRORS:
-                    raise
-                except Exception as exc2:
-                    raise JobFailure(
-                        "ModelUnavailable",
-                        f"model {name} could not be downloaded from the Hugging Face hub "
-                        f"({record.source}): {one_line(exc2)}",
-                    ) from exc2
-            pipe.to(self._device)
+                raise JobFailure(
+                    "ModelUnavailable",
+                    f"model {name} could not be loaded from {folder}: {one_line(exc)}",
+                ) from exc
+            components.clear()
+            apply_load_settings(pipe, options, self._device)
         except OOM_ERRORS as exc:
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            components.clear()
+            pipe = None
+            _free_device_memory()
             raise JobFailure(
                 "OutOfMemory",
-                f"model {name} does not fit in {self._device} memory in {dtype_name}",
+                f"model {name} does not fit in {self._device} memory in {options.dtype} "
+                f"(memory_profile {options.memory_profile!r}, fp8 {options.fp8})",
             ) from exc
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+def _load_component(folder: Path, part: str, library: str, cls_name: str, dtype: Any) -> Any:
+    """One component from `folder/part`, safetensors only, never from the network."""
+    module = importlib.import_module(library)
+    cls = getattr(module, cls_name, None)
+    if cls is None and library == "transformers" and "Tokenizer" in cls_name:
+        cls = module.AutoTokenizer
+    if cls is None:
+        raise ValueError(f"{part}: {library} has no class {cls_name}")
+    sub = folder / part
+    if library == "transformers" and not issubclass(cls, torch.nn.Module):
+        return cls.from_pretrained(sub, local_files_only=True)  # a tokenizer or processor
+    if not issubclass(cls, torch.nn.Module):
+        return cls.from_pretrained(sub)  # a scheduler: a JSON config
+    return cls.from_pretrained(sub, dtype=dtype, use_safetensors=True, local_files_only=True)

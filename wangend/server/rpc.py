@@ -25,17 +25,21 @@ from ..protocol import (
     JobsParams,
     JobSpec,
     JobsResult,
+    LorasParams,
+    LorasResult,
     ModelsResult,
     MoveParams,
     MoveResult,
     OkResult,
     PauseParams,
+    PresetsResult,
     QueueStateResult,
     ShutdownParams,
     StatusParams,
     StatusResult,
     SubscribeParams,
     SubscribeResult,
+    ValidateResult,
     decode_job_spec,
 )
 from .jsonrpc import Dispatcher, Method
@@ -60,6 +64,9 @@ class Services(Protocol):
 
     def status(self) -> StatusResult: ...
     def models(self) -> ModelsResult: ...
+    def validate(self, spec: JobSpec) -> ValidateResult: ...
+    def loras(self, model: str | None, state: bool) -> LorasResult: ...
+    def presets(self) -> PresetsResult: ...
     def check_token(self, token: str) -> bool: ...  # constant-time inside
     def request_shutdown(self, mode: str) -> None: ...
 
@@ -117,6 +124,16 @@ def build_methods(services: Services) -> list[Method]:
     async def models(session: Session, p: None) -> ModelsResult:
         return services.models()
 
+    async def validate(session: Session, spec: JobSpec) -> ValidateResult:
+        # Model and input checks read files: off the loop, so other clients stay served.
+        return await anyio.to_thread.run_sync(services.validate, spec)
+
+    async def loras(session: Session, p: LorasParams) -> LorasResult:
+        return await anyio.to_thread.run_sync(services.loras, p.model, p.state)
+
+    async def presets(session: Session, p: None) -> PresetsResult:
+        return await anyio.to_thread.run_sync(services.presets)
+
     async def shutdown(session: Session, p: ShutdownParams) -> OkResult:
         mode = p.mode
         session.after_reply(lambda: services.request_shutdown(mode))  # the reply goes first
@@ -137,6 +154,9 @@ def build_methods(services: Services) -> list[Method]:
         Method("move", move, MoveParams),
         Method("models", models),
         Method("shutdown", shutdown, ShutdownParams),
+        Method("validate", validate, JobSpec, decoder=decode_job_spec),
+        Method("loras", loras, LorasParams),
+        Method("presets", presets),
     ]
 
 
