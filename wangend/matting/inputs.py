@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import string
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +20,13 @@ import numpy as np
 
 from ..config import MatAnyOneConfig
 from ..errors import InvalidParams
+from ..media.naming import check_output_name
 from ..protocol import MatAnyOneSpec, ResolvedMatAnyOne
 
 __all__ = [
     "DEFAULT_OUTPUT_NAME",
     "IMAGE_SUFFIXES",
-    "OUTPUT_NAME_FIELDS",
     "MattingInputs",
-    "check_output_name",
     "load_mask",
     "mask_warnings",
     "probe_media",
@@ -36,8 +34,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OUTPUT_NAME = "{date}_{input}_{mask_type}"
-OUTPUT_NAME_FIELDS = frozenset({"job", "date", "input", "model", "mask_type", "frames"})
+DEFAULT_OUTPUT_NAME = "{date}_{input}_matte"
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 IMAGE_FPS = 25.0  # a single image becomes a one-frame video at this rate
 OUTPUT_FOLDER = "mask_outputs"
@@ -90,25 +87,6 @@ def mask_warnings(mask_size: tuple[int, int], frame_size: tuple[int, int]) -> li
         f"mask is {mask_size[0]}x{mask_size[1]} but the frames are "
         f"{frame_size[0]}x{frame_size[1]}; it is resized to the frames"
     ]
-
-
-def check_output_name(template: str) -> None:
-    field = "$.params.output_name"
-    if any(ord(c) < 32 or ord(c) == 127 for c in template):
-        raise InvalidParams("output_name must not contain control characters", field=field)
-    if "/" in template or "\\" in template or ".." in template:
-        raise InvalidParams("output_name is a file name, not a path", field=field)
-    if template.startswith((".", "~")):
-        raise InvalidParams("output_name must not start with '.' or '~'", field=field)
-    try:
-        parts = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise InvalidParams(f"output_name is not a valid template: {exc}", field=field) from None
-    for _literal, name, spec, conversion in parts:
-        if name is not None and (name not in OUTPUT_NAME_FIELDS or spec or conversion):
-            known = ", ".join("{" + f + "}" for f in sorted(OUTPUT_NAME_FIELDS))
-            raise InvalidParams(f"output_name placeholder {{{name}}} is not supported; use {known}",
-                                field=field)  # fmt: skip
 
 
 def _sha256(path: Path) -> str:

@@ -12,16 +12,15 @@ The RGBA ZIP holds one PNG per frame (source colours, alpha channel = the matte)
 from __future__ import annotations
 
 import io
-import os
-import secrets
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from ..media.atomic import RetryPolicy, publish
 
 __all__ = [
     "GREEN",
@@ -29,9 +28,7 @@ __all__ = [
     "dilate",
     "ellipse_kernel",
     "erode",
-    "reattach_audio",
     "refine_mask",
-    "write_output_video",
     "write_rgba_zip",
 ]
 
@@ -89,44 +86,12 @@ def composite(frames: np.ndarray, alpha: np.ndarray, mask_type: str) -> np.ndarr
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def write_output_video(
-    frames: np.ndarray, folder: Path, stem: str, fps: float, metadata: dict[str, Any]
+def write_rgba_zip(
+    frames: np.ndarray, alpha: np.ndarray, folder: Path, stem: str, policy: RetryPolicy
 ) -> Path:
-    """The one place the video is written (the media package owns encoding and naming)."""
-    from ..media.writers import write_video
-
-    return write_video(frames, folder, stem, fps, metadata)  # type: ignore[arg-type]
-
-
-def _publish(folder: Path, stem: str, suffix: str, data: bytes) -> Path:
-    """Write `data` under a temp name, then link it to the first free `stem(N)suffix`:
-    a hard link fails instead of overwriting, so a file that appeared meanwhile is kept."""
-    folder.mkdir(parents=True, exist_ok=True)
-    temp = folder / f".{stem}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(temp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        n = 1
-        while True:
-            target = folder / (f"{stem}{suffix}" if n == 1 else f"{stem}({n}){suffix}")
-            n += 1
-            if target.exists():
-                continue
-            try:
-                os.link(temp, target)
-            except FileExistsError:
-                continue
-            except OSError:  # no hard links here: the exists() check above must do
-                os.replace(temp, target)
-            return target.resolve()
-    finally:
-        temp.unlink(missing_ok=True)
-
-
-def write_rgba_zip(frames: np.ndarray, alpha: np.ndarray, folder: Path, stem: str) -> Path:
-    """A ZIP of frame_00000.png ... with the matte as the alpha channel."""
+    """A ZIP of frame_00000.png ... with the matte as the alpha channel, published like
+    every output: a temp name, then the first free `stem(N).zip`, retried on transient
+    errors."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
         a8 = np.clip(np.rint(alpha * 255.0), 0, 255).astype(np.uint8)
@@ -135,41 +100,4 @@ def write_rgba_zip(frames: np.ndarray, alpha: np.ndarray, folder: Path, stem: st
             png = io.BytesIO()
             Image.fromarray(rgba, mode="RGBA").save(png, format="PNG")
             archive.writestr(f"frame_{i:05d}.png", png.getvalue())
-    return _publish(folder, stem, ".zip", buffer.getvalue())
-
-
-def reattach_audio(video: Path, source: Path) -> bool:
-    """Copy `source`'s first audio track into `video` (packets as they are, cut at the
-    video's end), replacing the file atomically. False when the source has no audio."""
-    import av
-
-    with av.open(str(source)) as src:
-        if not src.streams.audio:
-            return False
-    temp = video.with_name(f".{video.stem}.{secrets.token_hex(4)}.audio{video.suffix}")
-    try:
-        with av.open(str(video)) as vin, av.open(str(source)) as ain:
-            out = av.open(str(temp), "w", format=vin.format.name.split(",")[0])
-            with out:
-                out.metadata.update(vin.metadata)
-                v_in, a_in = vin.streams.video[0], ain.streams.audio[0]
-                v_out = out.add_stream_from_template(v_in)
-                a_out = out.add_stream_from_template(a_in)
-                end = float(v_in.duration * v_in.time_base) if v_in.duration else None
-                for packet in vin.demux(v_in):
-                    if packet.dts is None:
-                        continue
-                    packet.stream = v_out
-                    out.mux(packet)
-                for packet in ain.demux(a_in):
-                    if packet.dts is None:
-                        continue
-                    late = end is not None and packet.pts is not None
-                    if late and float(packet.pts * packet.time_base) >= end:
-                        break
-                    packet.stream = a_out
-                    out.mux(packet)
-        os.replace(temp, video)
-    finally:
-        temp.unlink(missing_ok=True)
-    return True
+    return publish(folder, stem, ".zip", lambda temp: temp.write_bytes(buffer.getvalue()), policy)

@@ -13,33 +13,26 @@ check, so an aborted job leaves no file behind.
 
 from __future__ import annotations
 
-import hashlib
 import time
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import JobFailure
+from ..media.metadata import MetadataState
+from ..media.naming import render_output_name
+from ..media.persistence import MediaPersistenceContext, write_video
 from ..pipelines.control import JobControl, RunHooks
-from ..pipelines.inputs import sanitise
 from ..protocol import ResolvedMatAnyOne
 from .engine import MattingEngine
 from .inputs import IMAGE_SUFFIXES, OUTPUT_FOLDER, load_mask, mask_warnings
 from .network import MatAnyOneNet
-from .postprocess import (
-    composite,
-    reattach_audio,
-    refine_mask,
-    write_output_video,
-    write_rgba_zip,
-)
+from .postprocess import composite, refine_mask, write_rgba_zip
 from .weights import WeightsError, build_network
 
-__all__ = ["MattingRuntime", "decode_frames", "processing_size", "render_stem"]
+__all__ = ["MattingRuntime", "decode_frames", "processing_size"]
 
 MAX_STEM_BYTES = 180
 
@@ -74,22 +67,6 @@ def decode_frames(path: Path, start: int, end: int) -> np.ndarray:
     return np.stack(out)
 
 
-def render_stem(job: ResolvedMatAnyOne, job_id: int, now: datetime | None = None) -> str:
-    model = job.model.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
-    values = {
-        "job": str(job_id),
-        "date": (now or datetime.now()).strftime("%Y%m%d-%H%M%S"),
-        "input": sanitise(Path(job.input).stem, 40) or "input",
-        "model": sanitise(model) or "model",
-        "mask_type": job.mask_type,
-        "frames": str(job.frames),
-    }
-    stem = sanitise(job.output_name.format(**values)) or f"job-{job_id}"
-    return stem.encode("utf-8")[:MAX_STEM_BYTES].decode("utf-8", "ignore").strip(".-_") or (
-        f"job-{job_id}"
-    )
-
-
 def _pad16(x: torch.Tensor) -> torch.Tensor:
     h, w = x.shape[-2:]
     return F.pad(x, (0, (-w) % 16, 0, (-h) % 16), mode="replicate")
@@ -98,8 +75,15 @@ def _pad16(x: torch.Tensor) -> torch.Tensor:
 class MattingRuntime:
     """Owns the warm network (one, keyed by its weights) and runs matting jobs."""
 
-    def __init__(self, output_dir: Path, weights: str = "tiny", device: str = "auto") -> None:
+    def __init__(
+        self,
+        output_dir: Path,
+        weights: str = "tiny",
+        device: str = "auto",
+        media: MediaPersistenceContext | None = None,
+    ) -> None:
         self.output_dir = Path(output_dir)
+        self.media = media or MediaPersistenceContext()
         self.default_weights = weights
         self.device = (
             ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -214,32 +198,21 @@ class MattingRuntime:
         timings: dict[str, float],
     ) -> list[Path]:
         folder = self.output_dir / OUTPUT_FOLDER
-        stem = render_stem(job, job_id)
-        metadata: dict[str, Any] = {
-            "kind": "matanyone",
-            "job": job_id,
-            "input": job.input,
-            "mask": job.mask,
-            "inputs_sha256": job.inputs_sha256,
-            "model": job.model,
-            "weights": self._net_source,
-            "frames": [job.start_frame, job.end_frame],
-            "size": [job.width, job.height],
-            "processing_size": list(processing_size(job.width, job.height, job.max_size)),
-            "mask_type": job.mask_type,
-            "erode": job.erode,
-            "dilate": job.dilate,
-            "warmup": job.warmup,
-            "device": self.device,
-            "warnings": mask_warnings((mask_shape[1], mask_shape[0]), (job.width, job.height)),
-            "timings": {k: round(v, 3) for k, v in timings.items()},
-            "alpha_sha256": hashlib.sha256(alpha.tobytes()).hexdigest(),
-        }
-        video = write_output_video(composite(frames, alpha, job.mask_type), folder, stem, job.fps,
-                                   metadata if job.metadata == "embedded" else None)  # fmt: skip
-        paths = [video]
-        if job.reattach_audio and Path(job.input).suffix.lower() not in IMAGE_SUFFIXES:
-            reattach_audio(video, Path(job.input))
+        stem = render_output_name(job.output_name, job_id=job_id, job=job)
+        state = MetadataState.for_run(
+            job_id, job, timings=timings, device=self.device, frames=alpha
+        ).with_fields(
+            weights=self._net_source,
+            processing_size=list(processing_size(job.width, job.height, job.max_size)),
+            warnings=mask_warnings((mask_shape[1], mask_shape[0]), (job.width, job.height)),
+        )
+        is_video = Path(job.input).suffix.lower() not in IMAGE_SUFFIXES
+        audio = job.input if job.reattach_audio and is_video else None
+        written = write_video(
+            composite(frames, alpha, job.mask_type), folder, stem, job.fps, self.media, state, audio
+        )
+        paths = list(written)
         if job.rgba_zip:
-            paths.append(write_rgba_zip(frames, alpha, folder, f"{video.stem}_rgba"))
+            policy = self.media.retry_policy
+            paths.append(write_rgba_zip(frames, alpha, folder, f"{written[0].stem}_rgba", policy))
         return paths

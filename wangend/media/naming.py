@@ -5,6 +5,8 @@ A template is literal text with placeholders in braces:
     {job}                      the job id
     {seed} {model} {steps} {frames}
     {resolution}               WIDTHxHEIGHT, e.g. 832x480
+    {input}                    the input file's stem (a matting job's video, a
+                               generation's start image or source video; else "none")
     {prompt} / {prompt(40)}    the first 40 (or N, 1..200) characters of the prompt
     {date} / {date(%Y-%m-%d-%Hh%Mm%Ss)}
                                the local time the output is written; default %Y%m%d-%H%M%S
@@ -50,7 +52,7 @@ __all__ = [
 DEFAULT_OUTPUT_NAME = "{date}_{model}_{seed}"
 DEFAULT_DATE_FORMAT = "%Y%m%d-%H%M%S"
 OUTPUT_NAME_FIELDS = frozenset(
-    {"job", "seed", "model", "date", "steps", "frames", "prompt", "resolution"}
+    {"job", "seed", "model", "date", "steps", "frames", "prompt", "resolution", "input"}
 )
 PROMPT_CHARS = 40  # how much of the prompt a bare `{prompt}` keeps
 MAX_PROMPT_CHARS = 200
@@ -149,8 +151,10 @@ def _values(job: ResolvedJob, job_id: int) -> dict[str, str]:
     if isinstance(job, ResolvedMatAnyOne):
         model = PurePath(model).stem if "." in model else model
         prompt, steps = PurePath(job.input).stem, job.frames
+        source: str | None = job.input
     else:
         prompt, steps = job.prompt, job.steps
+        source = job.image or job.video
     return {
         "job": str(job_id),
         "seed": str(job.seed),
@@ -159,6 +163,7 @@ def _values(job: ResolvedJob, job_id: int) -> dict[str, str]:
         "frames": str(job.frames),
         "resolution": f"{job.width}x{job.height}",
         "prompt": prompt,
+        "input": sanitise(PurePath(source).stem, 60) if source else "none",
     }
 
 
