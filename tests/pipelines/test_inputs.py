@@ -143,3 +143,54 @@ def test_render_output_name(inputs: TaskInputManager) -> None:
     assert render_output_name(hub.output_name, job_id=1, job=hub) == "Some-Model"
     long = msgspec.structs.replace(job, output_name="x" * 250)
     assert len(render_output_name(long.output_name, job_id=1, job=long).encode()) <= 180
+
+
+def test_engine_and_metadata_defaults(tmp_path: Path) -> None:
+    from wangend.config import EngineConfig
+
+    engine = EngineConfig(memory_profile="group", fp8=True, step_cache="fbc", preview_every=2)
+    inputs = TaskInputManager(
+        ModelRegistry(tmp_path / "models"), "tiny", engine=engine, metadata_default="json"
+    )
+    job = inputs.resolve(GenerateSpec(prompt="p"))
+    assert (job.memory_profile, job.fp8, job.step_cache, job.preview_every) == (
+        "group",
+        True,
+        "fbc",
+        2,
+    )
+    assert (job.attention, job.compile, job.metadata, job.family) == (
+        "native",
+        False,
+        "json",
+        "wan2.1-t2v",
+    )
+    own = inputs.resolve(GenerateSpec(prompt="p", fp8=False, metadata="none", step_cache="none"))
+    assert (own.fp8, own.metadata, own.step_cache) == (False, "none", "none")
+    plain = TaskInputManager(ModelRegistry(tmp_path / "models"), "tiny").resolve(
+        GenerateSpec(prompt="p")
+    )
+    assert (plain.memory_profile, plain.metadata, plain.image, plain.inputs_sha256) == (
+        "none", "embedded", None, {},
+    )  # fmt: skip
+
+
+def test_audio_path(inputs: TaskInputManager, tmp_path: Path, monkeypatch) -> None:
+    with pytest.raises(InvalidParams) as info:
+        inputs.resolve(GenerateSpec(prompt="p", audio=str(tmp_path / "none.wav")))
+    assert info.value.field == "$.params.audio" and "none.wav" in info.value.message
+    (tmp_path / "a.wav").write_bytes(b"RIFF")
+    monkeypatch.chdir(tmp_path)
+    job = inputs.resolve(GenerateSpec(prompt="p", audio="a.wav"))
+    assert job.audio == str(tmp_path / "a.wav")
+
+
+def test_relative_media_paths_become_absolute(tmp_path: Path, monkeypatch) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (80, 48), (10, 200, 30)).save(tmp_path / "start.png")
+    monkeypatch.chdir(tmp_path)
+    inputs = TaskInputManager(ModelRegistry(tmp_path / "models"), "tiny-i2v")
+    job = inputs.resolve(GenerateSpec(prompt="p", image="start.png"))
+    assert job.image == str(tmp_path / "start.png") and job.family == "wan2.1-i2v"
+    assert len(job.inputs_sha256["image"]) == 64

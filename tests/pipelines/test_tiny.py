@@ -73,3 +73,34 @@ def test_complete_folder_is_kept_and_broken_one_rebuilt(models_dir: Path, tmp_pa
     assert (folder / MARKER).is_file()
     assert list((folder / "transformer").glob("*.safetensors"))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tiny.stale.tmp", "tiny"]
+
+
+def test_every_family_builds_deterministically_and_atomically(tmp_path: Path) -> None:
+    import pytest
+
+    from wangend.pipelines.tiny import TINY_NAMES, build_tiny_variant
+
+    for name in TINY_NAMES[1:]:
+        a, b = build_tiny_variant(name, seed=3), build_tiny_variant(name, seed=3)
+        for part in ("transformer", "transformer_2", "image_encoder", "vae"):
+            if getattr(a, part, None) is None:
+                continue
+            sa, sb = getattr(a, part).state_dict(), getattr(b, part).state_dict()
+            assert all(torch.equal(sa[k], sb[k]) for k in sa), (name, part)
+        folder = ensure_tiny_model(tmp_path, name=name)
+        assert folder == tmp_path / name
+        assert json.loads((folder / MARKER).read_text())["name"] == name
+        assert not [p for p in folder.rglob("*") if p.suffix in {".bin", ".pt", ".pkl"}]
+    two = build_tiny_variant("tiny-wan22")
+    assert not torch.equal(two.transformer.blocks[0].ffn.net[0].proj.weight,
+                           two.transformer_2.blocks[0].ffn.net[0].proj.weight)  # fmt: skip
+    assert build_tiny_variant("tiny-ti2v").vae.config.z_dim == 48
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(TINY_NAMES[1:])
+    with pytest.raises(ValueError, match="tiny-i2v"):
+        ensure_tiny_model(tmp_path, name="tiny-nope")
+    # A folder holding another variant (wrong marker name) is rebuilt, not trusted.
+    shutil.rmtree(tmp_path / "tiny-vace")
+    shutil.copytree(tmp_path / "tiny-i2v", tmp_path / "tiny-vace")
+    ensure_tiny_model(tmp_path, name="tiny-vace")
+    index = json.loads((tmp_path / "tiny-vace" / "model_index.json").read_text())
+    assert index["_class_name"] == "WanVACEPipeline"

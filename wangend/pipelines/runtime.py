@@ -8,10 +8,23 @@ pipeline stays clean for the next job even after an abort:
 * `callback_on_step_end`: progress after every denoising step, and the pause point. A
   pause blocks inside the callback, so latents and scheduler state stay exactly where
   they are and a resumed run is bit-identical to an unpaused one.
-* forward pre-hooks on the text encoder, every transformer block and the VAE decoder and
-  its blocks: each checks the abort latch (an abort lands within one block, also during
-  the frame-by-frame VAE decode) and marks phase changes (encoding, denoising,
-  decoding). An abort raises `JobAborted` out of the pipeline; nothing is written.
+* forward pre-hooks on the text encoder, the image encoder and VAE encoder (where a job
+  uses them), every block of `transformer` and `transformer_2` (VACE blocks included) and
+  the VAE decoder and its blocks: each checks the abort latch (an abort lands within one
+  block, also during the frame-by-frame VAE decode) and marks phase changes (encoding,
+  denoising, decoding). An abort raises `JobAborted` out of the pipeline; nothing is
+  written.
+
+One loaded pipeline serves every task its family can do: `call_plan` picks the diffusers
+class for the job (T2V, I2V, V2V, VACE; Wan 2.2 TI2V runs text-only through `WanPipeline`
+and with an image through `WanImageToVideoPipeline`) and builds it as a view over the
+loaded components when it differs from the loaded class. Views are built with the
+constructor, not `from_pipe`, because `from_pipe` casts every module to one dtype, which
+would also cast the float32 VAE of a half-precision warm pipeline. The prompt is encoded
+through a `WanPipeline` view for every family (the same UMT5 call diffusers makes, with
+the same 512-token length); the other Wan classes need the optional `ftfy` package only
+to clean prompt text, and passing embeddings keeps them from requiring it.
+Conditioning media is loaded when the job runs (conditioning.py), sized to the job.
 
 Noise comes from a CPU `torch.Generator`, so a seed gives the same video on any device.
 """
@@ -19,6 +32,8 @@ Noise comes from a CPU `torch.Generator`, so a seed gives the same video on any 
 from __future__ import annotations
 
 import hashlib
+import inspect
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -31,11 +46,15 @@ from ..errors import JobFailure, ModelUnavailable
 from ..media.metadata import build_metadata
 from ..media.writers import write_video
 from ..protocol import ResolvedGenerate
+from .conditioning import MediaError, load_image, load_mask, load_video
 from .control import JobControl, RunHooks
 from .inputs import render_output_name
 from .production import OOM_ERRORS, ProductionManager
+from .tiny import ensure_tiny_model
 
-__all__ = ["GenerationRuntime", "scheduler_for", "to_uint8"]
+__all__ = ["GenerationRuntime", "call_plan", "denoising_steps", "scheduler_for", "to_uint8"]
+
+MAX_SEQUENCE_LENGTH = 512  # what every Wan pipeline's __call__ uses
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -53,6 +72,100 @@ def scheduler_for(scheduler: Any, flow_shift: float) -> Any:
     key = "flow_shift" if "flow_shift" in config else "shift" if "shift" in config else None
     overrides = {key: flow_shift} if key else {}
     return type(scheduler).from_config(config, **overrides)
+
+
+def denoising_steps(job: ResolvedGenerate) -> int:
+    """Steps the pipeline really runs: video-to-video skips the first (1 - strength)."""
+    if job.family == "wan2.1-t2v" and job.video is not None and job.strength is not None:
+        return min(int(job.steps * job.strength), job.steps)
+    return job.steps
+
+
+def pipeline_view(pipe: Any, class_name: str, **config: Any) -> Any:
+    """`pipe` itself when it is already `class_name` with `config`, else a pipeline of that
+    class over the same (not copied, not cast) components."""
+    import diffusers
+
+    cls = getattr(diffusers, class_name)
+    if type(pipe) is cls and all(pipe.config.get(k) == v for k, v in config.items()):
+        return pipe
+    takes = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in pipe.components.items() if k in takes}
+    for key in ("boundary_ratio", "expand_timesteps"):
+        if key in takes and key in pipe.config:
+            kwargs[key] = pipe.config[key]
+    kwargs.update({k: v for k, v in config.items() if k in takes})
+    view = cls(**kwargs)
+    view.set_progress_bar_config(disable=True)
+    return view
+
+
+def call_plan(pipe: Any, job: ResolvedGenerate) -> tuple[Any, dict[str, Any]]:
+    """The pipeline to call for `job` and its task-specific arguments (media loaded and
+    sized here). The shared arguments (prompt embeddings, size, steps, guidance, seed,
+    callbacks) are added by the caller."""
+    family = job.family or "wan2.1-t2v"
+    w, h, n = job.width, job.height, job.frames
+    args: dict[str, Any] = {}
+    config: dict[str, Any] = {}
+    if job.boundary_ratio is not None:
+        config["boundary_ratio"] = job.boundary_ratio
+        args["guidance_scale_2"] = job.guidance_scale_2
+    if family == "wan2.1-t2v" and job.video is not None:
+        args.update(video=load_video(job.video, w, h, n), strength=job.strength)
+        return pipeline_view(pipe, "WanVideoToVideoPipeline"), args
+    args["num_frames"] = n
+    if family == "wan2.1-vace":
+        if job.video is not None:
+            args["video"] = load_video(job.video, w, h, n)
+        if job.mask is not None:
+            args["mask"] = load_mask(job.mask, w, h, n)
+        if job.reference_images:
+            args["reference_images"] = [load_image(p, w, h) for p in job.reference_images]
+        return pipeline_view(pipe, "WanVACEPipeline", **config), args
+    if job.image is not None:
+        args["image"] = load_image(job.image, w, h)
+        if job.last_image is not None:
+            args["last_image"] = load_image(job.last_image, w, h)
+        return pipeline_view(pipe, "WanImageToVideoPipeline", **config), args
+    return pipeline_view(pipe, "WanPipeline", **config), args
+
+
+def encode_prompts(pipe: Any, job: ResolvedGenerate) -> dict[str, Any]:
+    """Prompt (and, with CFG, negative prompt) embeddings, as the pipeline would make them."""
+    encoder = pipeline_view(pipe, "WanPipeline", boundary_ratio=None, expand_timesteps=False)
+    with torch.no_grad():  # as inside the pipeline: no autograd graph on the embeddings
+        positive, negative = encoder.encode_prompt(
+            prompt=job.prompt,
+            negative_prompt=job.negative_prompt,
+            do_classifier_free_guidance=job.guidance_scale > 1.0,
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+            device=pipe._execution_device,
+        )
+    return {"prompt_embeds": positive, "negative_prompt_embeds": negative}
+
+
+def abort_points(pipe: Any) -> dict[str, list[Any]]:
+    """Modules whose forward pre-hook checks the abort latch, by the phase they mark."""
+    encoding = [pipe.text_encoder]
+    image_encoder = getattr(pipe, "image_encoder", None)
+    if image_encoder is not None:
+        encoding.append(image_encoder)
+        encoding += [
+            m for name, m in image_encoder.named_modules() if re.fullmatch(r".*layers\.\d+", name)
+        ]
+    encoder = pipe.vae.encoder
+    encoding += [encoder, encoder.mid_block, *encoder.down_blocks]
+    blocks = []
+    for transformer in (pipe.transformer, getattr(pipe, "transformer_2", None)):
+        if transformer is not None:
+            blocks += list(transformer.blocks) + list(getattr(transformer, "vace_blocks", []))
+    decoder = pipe.vae.decoder
+    return {
+        "encoding": encoding,
+        "denoising": blocks,
+        "decoding": [decoder, decoder.mid_block, *decoder.up_blocks],
+    }
 
 
 class _Tracker:
@@ -100,6 +213,9 @@ class GenerationRuntime:
         except ModelUnavailable as exc:
             raise JobFailure("ModelUnavailable", exc.message) from None
         started = time.perf_counter()
+        if record.tiny:  # built on first use; a no-op (one small JSON read) afterwards
+            folder = Path(record.source)
+            ensure_tiny_model(folder.parent, name=folder.name)
         pipe = self.production.ensure(record, job.dtype, hooks)
         timings = {"load": time.perf_counter() - started}
         control.check_abort()
@@ -124,40 +240,45 @@ class GenerationRuntime:
     ) -> np.ndarray:
         """Run the pipeline for `job`: (frames, height, width, 3) uint8 RGB."""
         tracker = _Tracker(hooks, job.steps)
+        # V2V runs only its last steps; progress counts the skipped ones as done.
+        skipped = job.steps - denoising_steps(job)
 
-        def on_text_encoder(module: Any, args: Any) -> None:
+        def on_encoder(module: Any, args: Any) -> None:
             control.check_abort()
             tracker.enter("encoding", 0)
 
         def on_block(module: Any, args: Any) -> None:
             control.check_abort()
             if tracker.phase != "denoising":
-                tracker.enter("denoising", 0)
+                tracker.enter("denoising", skipped)
 
         def on_decoder(module: Any, args: Any) -> None:
             control.check_abort()
             tracker.enter("decoding", job.steps)
 
         def on_step_end(_pipe: Any, i: int, _t: Any, _kwargs: dict) -> dict:
-            hooks.progress(i + 1, job.steps, "denoising")
-            control.step_boundary(hooks, i + 1, job.steps)
+            hooks.progress(skipped + i + 1, job.steps, "denoising")
+            control.step_boundary(hooks, skipped + i + 1, job.steps)
             return {}
 
-        handles = [pipe.text_encoder.register_forward_pre_hook(on_text_encoder)]
-        for transformer in (pipe.transformer, getattr(pipe, "transformer_2", None)):
-            if transformer is not None:
-                handles += [b.register_forward_pre_hook(on_block) for b in transformer.blocks]
-        decoder = pipe.vae.decoder
-        for module in (decoder, decoder.mid_block, *decoder.up_blocks):
-            handles.append(module.register_forward_pre_hook(on_decoder))
         try:
-            pipe.scheduler = scheduler_for(pipe.scheduler, job.flow_shift)
-            output = pipe(
-                prompt=job.prompt,
-                negative_prompt=job.negative_prompt,
+            runner, task_args = call_plan(pipe, job)
+        except (MediaError, OSError) as exc:
+            raise JobFailure("InvalidInput", f"conditioning media unusable: {exc}") from None
+        control.check_abort()
+        on = {"encoding": on_encoder, "denoising": on_block, "decoding": on_decoder}
+        handles = [
+            module.register_forward_pre_hook(on[phase])
+            for phase, modules in abort_points(pipe).items()
+            for module in modules
+        ]
+        try:
+            pipe.scheduler = runner.scheduler = scheduler_for(pipe.scheduler, job.flow_shift)
+            output = runner(
+                **encode_prompts(pipe, job),
+                **task_args,
                 height=job.height,
                 width=job.width,
-                num_frames=job.frames,
                 num_inference_steps=job.steps,
                 guidance_scale=job.guidance_scale,
                 generator=torch.Generator(device="cpu").manual_seed(job.seed),

@@ -1,16 +1,27 @@
-"""A tiny Wan 2.1 text-to-video model, built offline from a fixed seed.
+"""Tiny Wan models, one per family, built offline from fixed seeds.
 
-The demo and the tests need a real diffusers `WanPipeline` on machines with no network
-and no weights. This module builds one: the same component classes as the released Wan
-2.1 T2V checkpoints (transformer, VAE, UMT5 text encoder, a fast tokenizer, the UniPC
-flow scheduler), only a few thousand times smaller. Its output is noise, but every code
-path a real model takes (loading, prompt encoding, denoising with CFG, frame-by-frame VAE
-decode) runs for real, in a fraction of a second on a CPU.
+The demo and the tests need real diffusers pipelines on machines with no network and no
+weights. This module builds them: the same component classes as the released Wan 2.1 and
+2.2 checkpoints (transformers, VAE, UMT5 text encoder, a CLIP image encoder where Wan 2.1
+I2V has one, a fast tokenizer, the UniPC flow scheduler), only a few thousand times
+smaller. Their output is noise, but every code path a real model takes (loading, prompt
+and image encoding, denoising with CFG, the expert switch of Wan 2.2, frame-by-frame VAE
+encode and decode) runs for real, in a fraction of a second on a CPU.
 
-The folder is written with `save_pretrained` (safetensors only) and loaded back through
+| name           | family      | pipeline                  | what makes it that family            |
+|----------------|-------------|---------------------------|--------------------------------------|
+| tiny           | wan2.1-t2v  | WanPipeline               | 16-channel transformer               |
+| tiny-i2v       | wan2.1-i2v  | WanImageToVideoPipeline   | in_channels 36 + CLIP image encoder  |
+| tiny-vace      | wan2.1-vace | WanVACEPipeline           | WanVACETransformer3DModel            |
+| tiny-wan22     | wan2.2-t2v  | WanPipeline               | transformer_2 + boundary_ratio       |
+| tiny-wan22-i2v | wan2.2-i2v  | WanImageToVideoPipeline   | two experts, in_channels 36, no CLIP |
+| tiny-ti2v      | wan2.2-ti2v | WanPipeline               | 48-channel VAE, expand_timesteps     |
+
+Each folder is written with `save_pretrained` (safetensors only) and loaded back through
 the same `from_pretrained` path as any user model, so nothing about it is special once it
 is on disk. The same seed always gives the same weights: initialisation runs under a
 forked, seeded torch RNG, so building never disturbs the process's own random state.
+"tiny" is built exactly as it always was, so its outputs stay reproducible.
 """
 
 from __future__ import annotations
@@ -20,9 +31,18 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["TINY_SEED", "TINY_VERSION", "build_tiny_pipeline", "ensure_tiny_model"]
+__all__ = [
+    "TINY_NAMES",
+    "TINY_SEED",
+    "TINY_VERSION",
+    "build_tiny_pipeline",
+    "build_tiny_variant",
+    "ensure_tiny_model",
+]
 
 TINY_SEED = 20240229
 # Bump when the configs below change, so a folder built by an older wangend is rebuilt.
@@ -30,6 +50,8 @@ TINY_VERSION = 1
 MARKER = "wangend-tiny.json"
 # A temp build folder older than this is left over from a crash (a live build takes ~1 s).
 STALE_BUILD_SECONDS = 600.0
+TEXT_DIM = 32
+CLIP_DIM = 4  # hidden size of the tiny CLIP image encoder (the transformer's image_dim)
 
 
 def build_tokenizer():
@@ -53,83 +75,277 @@ def build_tokenizer():
         pad_token="<pad>",
         eos_token="</s>",
         unk_token="<unk>",
-        model_max_length=512,
         model_input_names=["input_ids", "attention_mask"],
+        model_max_length=512,
+    )
+
+
+def _text_encoder(vocab_size: int):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    return UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=vocab_size,
+            d_model=TEXT_DIM,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            dropout_rate=0.0,
+            is_encoder_decoder=False,
+            use_cache=False,
+        )
+    ).eval()
+
+
+def _vae(wide: bool = False):
+    """The Wan 2.1 VAE layout (16 latent channels, 8x spatial), or with `wide` the Wan
+    2.2 one (48 channels, 2x2 pixel patches, residual blocks, 16x spatial)."""
+    from diffusers import AutoencoderKLWan
+
+    extra: dict[str, Any] = {}
+    if wide:
+        extra = {
+            "z_dim": 48,
+            "in_channels": 12,
+            "out_channels": 12,
+            "is_residual": True,
+            "patch_size": 2,
+            "scale_factor_spatial": 16,
+            "latents_mean": [0.0] * 48,
+            "latents_std": [1.0] * 48,
+        }
+    else:
+        extra = {"z_dim": 16}
+    return AutoencoderKLWan(
+        base_dim=3,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        **extra,
+    ).eval()
+
+
+def _transformer(in_channels: int = 16, out_channels: int = 16, **extra: Any):
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        text_dim=TEXT_DIM,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+        **extra,
+    ).eval()
+
+
+def _scheduler():
+    from diffusers import UniPCMultistepScheduler
+
+    # The released Wan checkpoints ship this scheduler; flow_shift is set per job.
+    return UniPCMultistepScheduler(
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=3.0,
+        num_train_timesteps=1000,
     )
 
 
 def build_tiny_pipeline(seed: int = TINY_SEED):
-    """Build the tiny `WanPipeline` in memory. Deterministic for a given seed."""
+    """Build the tiny Wan 2.1 T2V `WanPipeline` in memory. Deterministic for a seed."""
     import torch
-    from diffusers import (
-        AutoencoderKLWan,
-        UniPCMultistepScheduler,
-        WanPipeline,
-        WanTransformer3DModel,
-    )
-    from transformers import UMT5Config, UMT5EncoderModel
+    from diffusers import WanPipeline
 
     tokenizer = build_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = UMT5EncoderModel(
-            UMT5Config(
-                vocab_size=len(tokenizer),
-                d_model=32,
-                d_kv=8,
-                d_ff=64,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                dropout_rate=0.0,
-                is_encoder_decoder=False,
-                use_cache=False,
+        text_encoder = _text_encoder(len(tokenizer))
+        vae = _vae()
+        transformer = _transformer()
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=_scheduler(),
+    )
+
+
+def _build_i2v(seed: int):
+    """Wan 2.1 I2V: 36 input channels (16 noise + 4 mask + 16 image latents) and CLIP
+    image embeddings fed to the cross-attention through `added_kv_proj_dim`."""
+    import torch
+    from diffusers import WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    tokenizer = build_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = _text_encoder(len(tokenizer))
+        vae = _vae()
+        transformer = _transformer(in_channels=36, image_dim=CLIP_DIM, added_kv_proj_dim=24)
+        image_encoder = CLIPVisionModel(
+            CLIPVisionConfig(
+                hidden_size=CLIP_DIM,
+                projection_dim=CLIP_DIM,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=16,
+                image_size=32,
+                patch_size=8,
             )
         ).eval()
-        vae = AutoencoderKLWan(
-            base_dim=3,
-            z_dim=16,
-            dim_mult=[1, 1, 1, 1],
-            num_res_blocks=1,
-            temperal_downsample=[False, True, True],
-        ).eval()
-        transformer = WanTransformer3DModel(
+    processor = CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32})
+    return WanImageToVideoPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=_scheduler(),
+        image_processor=processor,
+        image_encoder=image_encoder,
+        transformer=transformer,
+    )
+
+
+def _build_vace(seed: int):
+    """Wan 2.1 VACE: a VACE branch at block 0 reading 96 channels (16 inactive + 16
+    reactive video latents + 64 = 8x8 unfolded mask)."""
+    import torch
+    from diffusers import WanVACEPipeline, WanVACETransformer3DModel
+
+    tokenizer = build_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = _text_encoder(len(tokenizer))
+        vae = _vae()
+        transformer = WanVACETransformer3DModel(
             patch_size=(1, 2, 2),
             num_attention_heads=2,
             attention_head_dim=12,
             in_channels=16,
             out_channels=16,
-            text_dim=32,
+            text_dim=TEXT_DIM,
             freq_dim=256,
             ffn_dim=32,
             num_layers=2,
             cross_attn_norm=True,
             qk_norm="rms_norm_across_heads",
             rope_max_seq_len=32,
+            vace_layers=[0],
+            vace_in_channels=96,
         ).eval()
-    # The released Wan 2.1 checkpoints ship this scheduler; flow_shift is set per job.
-    scheduler = UniPCMultistepScheduler(
-        prediction_type="flow_prediction",
-        use_flow_sigmas=True,
-        flow_shift=3.0,
-        num_train_timesteps=1000,
+    return WanVACEPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=_scheduler(),
+        transformer=transformer,
     )
+
+
+def _build_wan22(seed: int):
+    """Wan 2.2 A14B T2V: a high-noise expert (`transformer`) and a low-noise one
+    (`transformer_2`), switched at boundary_ratio * 1000 timesteps."""
+    import torch
+    from diffusers import WanPipeline
+
+    tokenizer = build_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = _text_encoder(len(tokenizer))
+        vae = _vae()
+        high, low = _transformer(), _transformer()
     return WanPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         vae=vae,
-        transformer=transformer,
-        scheduler=scheduler,
+        scheduler=_scheduler(),
+        transformer=high,
+        transformer_2=low,
+        boundary_ratio=0.875,
     )
 
 
-def _marker_ok(folder: Path, seed: int) -> bool:
+def _build_wan22_i2v(seed: int):
+    """Wan 2.2 A14B I2V: two experts with 36 input channels and no image encoder."""
+    import torch
+    from diffusers import WanImageToVideoPipeline
+
+    tokenizer = build_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = _text_encoder(len(tokenizer))
+        vae = _vae()
+        high, low = _transformer(in_channels=36), _transformer(in_channels=36)
+    return WanImageToVideoPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=_scheduler(),
+        transformer=high,
+        transformer_2=low,
+        boundary_ratio=0.9,
+    )
+
+
+def _build_ti2v(seed: int):
+    """Wan 2.2 TI2V 5B: the 48-channel VAE and per-token timesteps (`expand_timesteps`),
+    which is how the same weights also take a start image."""
+    import torch
+    from diffusers import WanPipeline
+
+    tokenizer = build_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = _text_encoder(len(tokenizer))
+        vae = _vae(wide=True)
+        transformer = _transformer(in_channels=48, out_channels=48)
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=_scheduler(),
+        transformer=transformer,
+        expand_timesteps=True,
+    )
+
+
+BUILDERS: dict[str, Callable[[int], Any]] = {
+    "tiny": build_tiny_pipeline,
+    "tiny-i2v": _build_i2v,
+    "tiny-vace": _build_vace,
+    "tiny-wan22": _build_wan22,
+    "tiny-wan22-i2v": _build_wan22_i2v,
+    "tiny-ti2v": _build_ti2v,
+}
+TINY_NAMES: tuple[str, ...] = tuple(BUILDERS)
+
+
+def build_tiny_variant(name: str, seed: int = TINY_SEED):
+    """Build the tiny pipeline called `name` (one of TINY_NAMES) in memory."""
+    if name not in BUILDERS:
+        raise ValueError(f"no tiny model called {name!r}; known: {', '.join(TINY_NAMES)}")
+    return BUILDERS[name](seed)
+
+
+def _marker_ok(folder: Path, seed: int, name: str = "tiny") -> bool:
     try:
         data = json.loads((folder / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return (
-        isinstance(data, dict) and data.get("version") == TINY_VERSION and data.get("seed") == seed
+        isinstance(data, dict)
+        and data.get("version") == TINY_VERSION
+        and data.get("seed") == seed
+        and data.get("name", "tiny") == name
     )
 
 
@@ -143,25 +359,29 @@ def _remove_stale_builds(models_dir: Path) -> None:
             pass
 
 
-def ensure_tiny_model(models_dir: Path, seed: int = TINY_SEED) -> Path:
-    """Make sure `models_dir/tiny` holds a complete tiny model and return the folder.
+def ensure_tiny_model(models_dir: Path, seed: int = TINY_SEED, name: str = "tiny") -> Path:
+    """Make sure `models_dir/<name>` holds a complete tiny model and return the folder.
 
     The model is built in a temp folder beside the target and renamed into place, and the
     marker file is written last, so a folder without a valid marker (a crash, an older
     version) is rebuilt. If another process finishes first, its folder is kept.
     """
+    if name not in BUILDERS:
+        raise ValueError(f"no tiny model called {name!r}; known: {', '.join(TINY_NAMES)}")
     models_dir = Path(models_dir)
-    target = models_dir / "tiny"
-    if _marker_ok(target, seed):
+    target = models_dir / name
+    if _marker_ok(target, seed, name):
         return target
     models_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(models_dir)
     build = Path(tempfile.mkdtemp(prefix=".tiny.", suffix=".tmp", dir=models_dir))
     try:
-        build_tiny_pipeline(seed).save_pretrained(build, safe_serialization=True)
-        marker = {"version": TINY_VERSION, "seed": seed, "built_at": time.time()}
+        build_tiny_variant(name, seed).save_pretrained(build, safe_serialization=True)
+        marker: dict[str, Any] = {"version": TINY_VERSION, "seed": seed, "built_at": time.time()}
+        if name != "tiny":  # "tiny" keeps the marker it always had
+            marker["name"] = name
         (build / MARKER).write_text(json.dumps(marker), encoding="utf-8")
-        if target.exists() and not _marker_ok(target, seed):
+        if target.exists() and not _marker_ok(target, seed, name):
             # Move the broken or outdated folder aside first: rename is atomic, rmtree is not.
             trash = Path(tempfile.mkdtemp(prefix=".tiny.", suffix=".tmp", dir=models_dir))
             os.replace(target, trash / "old")
@@ -169,7 +389,7 @@ def ensure_tiny_model(models_dir: Path, seed: int = TINY_SEED) -> Path:
         try:
             os.rename(build, target)
         except OSError:
-            if not _marker_ok(target, seed):  # not a concurrent builder winning the race
+            if not _marker_ok(target, seed, name):  # not a concurrent builder winning the race
                 raise
     finally:
         shutil.rmtree(build, ignore_errors=True)
