@@ -111,6 +111,7 @@ EVENT_TYPES: tuple[str, ...] = (
     "job.failed",
     "job.aborted",
     "job.moved",
+    "job.updated",
     "queue.paused",
     "queue.resumed",
     "queue.cleared",

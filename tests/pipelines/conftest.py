@@ -19,8 +19,12 @@ class RecordingHooks:
         self.paused_event = threading.Event()
         self.on_progress = None  # optional callable(step, steps, phase), runs on the worker
 
-    def progress(self, step: int, steps: int, phase: str) -> None:
+    def progress(
+        self, step: int, steps: int, phase: str, preview: dict[str, Any] | None = None
+    ) -> None:
         self.calls.append(("progress", (step, steps, phase)))
+        if preview is not None:
+            self.calls.append(("preview", (step, preview)))
         if self.on_progress is not None:
             self.on_progress(step, steps, phase)
 
@@ -36,6 +40,9 @@ class RecordingHooks:
 
     def model_loaded(self, model: str, data: dict[str, Any]) -> None:
         self.calls.append(("model_loaded", (model, data)))
+
+    def spec_changed(self, spec: Any) -> None:
+        self.calls.append(("spec_changed", (spec,)))
 
     def named(self, name: str) -> list[tuple[Any, ...]]:
         return [args for kind, args in self.calls if kind == name]

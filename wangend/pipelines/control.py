@@ -96,3 +96,7 @@ class RunHooks(Protocol):
 
     def model_loaded(self, model: str, data: dict[str, Any]) -> None:
         """A model is warm (data: seconds, device, dtype...)."""
+
+    def spec_changed(self, spec: Any) -> None:
+        """The run resolved more of its job (the enhanced prompt): record `spec` as the
+        job's spec, so the record and a retry hold what really ran."""

@@ -22,15 +22,18 @@ and no template can name a path outside the output folder.
 
 from __future__ import annotations
 
-import re
 import secrets
-import string
-import unicodedata
-from datetime import datetime
 from pathlib import Path
 
+from ..adapters.requests import AdapterChoice, AdapterRequests
 from ..config import EngineConfig
 from ..errors import InvalidParams
+from ..media.naming import (
+    DEFAULT_OUTPUT_NAME,
+    OUTPUT_NAME_FIELDS,
+    check_output_name,
+    render_output_name,
+)
 from ..protocol import GenerateSpec, ResolvedGenerate
 from .conditioning import MediaError, MediaInfo, probe, sha256_file
 from .registry import CONDITIONAL_FIELDS, ModelRecord, ModelRegistry
@@ -44,10 +47,6 @@ __all__ = [
     "render_output_name",
 ]
 
-DEFAULT_OUTPUT_NAME = "{date}_{model}_{seed}"
-OUTPUT_NAME_FIELDS = frozenset({"job", "seed", "model", "date", "steps", "frames", "prompt"})
-PROMPT_CHARS = 40  # how much of the prompt `{prompt}` keeps
-MAX_STEM_BYTES = 180  # leaves room for "(NNN).mp4" and temp-name decoration under 255
 SEED_BITS = 32  # random seeds stay short enough to type back in
 DEFAULT_STRENGTH = 0.8  # video-to-video: how much of the source is renoised
 # What each media field may be: a VACE mask is a video or one image.
@@ -72,12 +71,14 @@ class TaskInputManager:
         *,
         engine: EngineConfig | None = None,
         metadata_default: str = "embedded",
+        adapters: AdapterRequests | None = None,
     ) -> None:
         self.registry = registry
         self.default_model = default_model
         self.dtype_name = dtype_name
         self.engine = engine or EngineConfig()
         self.metadata_default = metadata_default
+        self.adapters = adapters
 
     def resolve(self, spec: GenerateSpec) -> ResolvedGenerate:
         record = self.registry.resolve(spec.model or self.default_model)
@@ -124,10 +125,11 @@ class TaskInputManager:
                 )
             audio = str(path)
         e = self.engine
+        choice = self.resolve_adapters(spec, record)
         return ResolvedGenerate(
             model=record.name,
             source=record.source,
-            prompt=spec.prompt,
+            prompt=choice.prompt,
             negative_prompt=(
                 spec.negative_prompt if spec.negative_prompt is not None else d.negative_prompt
             ),
@@ -160,7 +162,26 @@ class TaskInputManager:
             preview_every=_pick(spec.preview_every, e.preview_every),
             audio=audio,
             metadata=_pick(spec.metadata, self.metadata_default),
+            loras=choice.loras,
+            preset=choice.preset,
+            enhancer=choice.enhancer,
         )
+
+    def resolve_adapters(self, spec: GenerateSpec, record: ModelRecord) -> AdapterChoice:
+        """The job's LoRAs (files, hashes, multipliers), preset and enhancer request."""
+        if self.adapters is not None:
+            return self.adapters.resolve(spec, record.family, record.name)
+        for field, given in (
+            ("loras", bool(spec.loras)),
+            ("preset", spec.preset is not None),
+            ("enhance_prompt", bool(spec.enhance_prompt)),
+        ):
+            if given:
+                raise InvalidParams(
+                    f"{field} is not available: this daemon has no adapters configured",
+                    field=f"$.params.{field}",
+                )
+        return AdapterChoice(prompt=spec.prompt, loras=[], preset=None, enhancer=None)
 
     def check_capabilities(self, record: ModelRecord, spec: GenerateSpec) -> None:
         """Refuse a field the model does not take, or a required one left out."""
@@ -246,60 +267,3 @@ def check_size(record: ModelRecord, width: int, height: int, frames: int) -> Non
             f"{frames} is not, try {lower} or {lower + k}",
             field="$.params.frames",
         )
-
-
-def check_output_name(template: str) -> None:
-    """A template may use only the known placeholders and can never leave the folder."""
-    field = "$.params.output_name"
-    if any(ord(c) < 32 or ord(c) == 127 for c in template):
-        raise InvalidParams("output_name must not contain control characters", field=field)
-    if "/" in template or "\\" in template or ".." in template:
-        raise InvalidParams(
-            "output_name is a file name, not a path: it must not contain '/', '\\' or '..'",
-            field=field,
-        )
-    if template.startswith((".", "~")):
-        raise InvalidParams("output_name must not start with '.' or '~'", field=field)
-    try:
-        parts = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise InvalidParams(f"output_name is not a valid template: {exc}", field=field) from None
-    for _literal, name, spec, conversion in parts:
-        if name is None:
-            continue
-        if name not in OUTPUT_NAME_FIELDS or spec or conversion:
-            known = ", ".join("{" + f + "}" for f in sorted(OUTPUT_NAME_FIELDS))
-            raise InvalidParams(
-                f"output_name placeholder {{{name}}} is not supported; use {known}",
-                field=field,
-            )
-
-
-def sanitise(text: str, limit: int | None = None) -> str:
-    """Letters, digits, '.', '_' and '-' only (any script); runs of others become '-'."""
-    text = unicodedata.normalize("NFC", text)
-    text = re.sub(r"[^\w.\-]+", "-", text, flags=re.UNICODE)
-    text = re.sub(r"\.{2,}", ".", text)
-    if limit is not None:
-        text = text[:limit]
-    return text.strip(".-_")
-
-
-def render_output_name(
-    template: str, *, job_id: int, job: ResolvedGenerate, now: datetime | None = None
-) -> str:
-    """The file stem for a run: the template filled in, safe as one file name."""
-    check_output_name(template)
-    model = job.model.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
-    values = {
-        "job": str(job_id),
-        "seed": str(job.seed),
-        "model": sanitise(model) or "model",
-        "date": (now or datetime.now()).strftime("%Y%m%d-%H%M%S"),
-        "steps": str(job.steps),
-        "frames": str(job.frames),
-        "prompt": sanitise(job.prompt, PROMPT_CHARS) or "prompt",
-    }
-    stem = sanitise(template.format(**values)) or f"job-{job_id}"
-    encoded = stem.encode("utf-8")[:MAX_STEM_BYTES]
-    return encoded.decode("utf-8", errors="ignore").strip(".-_") or f"job-{job_id}"

@@ -31,7 +31,6 @@ Noise comes from a CPU `torch.Generator`, so a seed gives the same video on any 
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import re
 import time
@@ -42,15 +41,18 @@ import msgspec
 import numpy as np
 import torch
 
+from ..adapters.lora_injection import LoRAInjectionManager
+from ..adapters.prompt_enhancer import EnhanceContext, PromptEnhancerBridge
 from ..errors import JobFailure, ModelUnavailable
-from ..media.metadata import build_metadata
-from ..media.writers import write_video
+from ..media.metadata import MetadataState
+from ..media.naming import render_output_name
+from ..media.persistence import MediaPersistenceContext, write_video
 from ..protocol import ResolvedGenerate
+from .acceleration import EngineOptions
 from .conditioning import MediaError, load_image, load_mask, load_video
 from .control import JobControl, RunHooks
-from .inputs import render_output_name
 from .production import OOM_ERRORS, ProductionManager
-from .tiny import ensure_tiny_model
+from .stepping import StepExtras
 
 __all__ = ["GenerationRuntime", "call_plan", "denoising_steps", "scheduler_for", "to_uint8"]
 
@@ -190,9 +192,27 @@ class _Tracker:
 
 
 class GenerationRuntime:
-    def __init__(self, production: ProductionManager, output_dir: Path) -> None:
+    """Runs generation jobs on the worker thread; owns no model (ProductionManager does).
+
+    Optional parts, each built by the daemon from its config: `media` (how outputs are
+    written), `loras` (the LoRA adapters of the warm pipeline), `enhancer` (the prompt
+    enhancer). Without `loras`, a job that names LoRAs fails before any step.
+    """
+
+    def __init__(
+        self,
+        production: ProductionManager,
+        output_dir: Path,
+        *,
+        media: MediaPersistenceContext | None = None,
+        loras: LoRAInjectionManager | None = None,
+        enhancer: PromptEnhancerBridge | None = None,
+    ) -> None:
         self.production = production
         self.output_dir = Path(output_dir).absolute()
+        self.media = media or MediaPersistenceContext()
+        self.loras = loras
+        self.enhancer = enhancer
 
     @property
     def device(self) -> str:
@@ -212,23 +232,62 @@ class GenerationRuntime:
             record = self.production.registry.resolve(job.model)
         except ModelUnavailable as exc:
             raise JobFailure("ModelUnavailable", exc.message) from None
+        job = self.enhance_prompt(job, hooks)
+        control.check_abort()
+        options = EngineOptions.from_job(job, self.production.job_dtype(job.dtype))
         started = time.perf_counter()
-        if record.tiny:  # built on first use; a no-op (one small JSON read) afterwards
-            folder = Path(record.source)
-            ensure_tiny_model(folder.parent, name=folder.name)
-        pipe = self.production.ensure(record, job.dtype, hooks)
+        pipe = self.production.ensure(record, options, hooks)
         timings = {"load": time.perf_counter() - started}
         control.check_abort()
-        frames = self.generate_frames(pipe, job, control, hooks, timings)
+        if job.loras and self.loras is None:
+            raise JobFailure("LoraUnavailable", "this daemon has no LoRA support configured")
+        if self.loras is not None:
+            self.loras.hydrate(pipe, job.loras)  # none: adapters off, the base weights
+        with self.production.run_scope(pipe, options, steps=job.steps) as report:
+            frames = self.generate_frames(pipe, job, control, hooks, timings)
         control.check_abort()  # the last chance: from here on the file gets written
         hooks.progress(job.steps, job.steps, "saving")
-        ran = msgspec.structs.replace(job, dtype=self.production.job_dtype(job.dtype))
-        metadata = build_metadata(job_id, ran, timings, device=self.device)
+        ran = msgspec.structs.replace(job, dtype=options.dtype)
         # H.264 encoders may give different bitstreams for identical frames, so the
-        # proof that two runs made the same video is the hash of the frames themselves.
-        metadata["frames_sha256"] = hashlib.sha256(frames.tobytes()).hexdigest()
+        # proof that two runs made the same video is the hash of the frames themselves
+        # (MetadataState records it as frames_sha256).
+        state = MetadataState.for_run(
+            job_id, ran, timings=timings, device=self.device, frames=frames
+        )
+        if report.notes:
+            state = state.with_fields(notes=list(report.notes))
         stem = render_output_name(job.output_name, job_id=job_id, job=job)
-        return [str(write_video(frames, self.output_dir, stem, job.fps, metadata))]
+        paths = write_video(
+            frames, self.output_dir, stem, job.fps, self.media, state, audio=job.audio
+        )
+        return [str(path) for path in paths]
+
+    def enhance_prompt(self, job: ResolvedGenerate, hooks: RunHooks) -> ResolvedGenerate:
+        """The job with its enhanced prompt, when it asked for one and has none yet.
+
+        A job resolved with enhancing on carries `enhancer={"requested": True}`; the
+        result (or why enhancing failed: the original prompt is then used) replaces it
+        and is reported through `hooks.spec_changed`, so the job record, a retry and the
+        output all hold the prompt that really ran.
+        """
+        if not (job.enhancer and job.enhancer.get("requested")):
+            return job
+        if self.enhancer is None:
+            record = {"ok": False, "provider": "none", "reason": "no prompt enhancer configured"}
+            enhanced = msgspec.structs.replace(job, enhancer=record)
+        else:
+            hooks.progress(0, job.steps, "enhancing")
+            self.enhancer.prime(job)
+            context = EnhanceContext(family=job.family, image=job.image, seed=job.seed)
+            [result] = self.enhancer.enhance([job.prompt], context)
+            enhanced = msgspec.structs.replace(
+                job,
+                prompt=result.prompt,
+                original_prompt=result.original if result.ok else None,
+                enhancer=result.record(),
+            )
+        hooks.spec_changed(enhanced)
+        return enhanced
 
     def generate_frames(
         self,
@@ -242,6 +301,7 @@ class GenerationRuntime:
         tracker = _Tracker(hooks, job.steps)
         # V2V runs only its last steps; progress counts the skipped ones as done.
         skipped = job.steps - denoising_steps(job)
+        extras = StepExtras(pipe, job, self.loras, denoising_steps(job))
 
         def on_encoder(module: Any, args: Any) -> None:
             control.check_abort()
@@ -256,9 +316,14 @@ class GenerationRuntime:
             control.check_abort()
             tracker.enter("decoding", job.steps)
 
-        def on_step_end(_pipe: Any, i: int, _t: Any, _kwargs: dict) -> dict:
-            hooks.progress(skipped + i + 1, job.steps, "denoising")
-            control.step_boundary(hooks, skipped + i + 1, job.steps)
+        def on_step_end(called: Any, i: int, _t: Any, tensors: dict) -> dict:
+            done = skipped + i + 1
+            preview = extras.after_step(called, i, done, job.steps, tensors)
+            if preview is None:
+                hooks.progress(done, job.steps, "denoising")
+            else:
+                hooks.progress(done, job.steps, "denoising", preview=preview)
+            control.step_boundary(hooks, done, job.steps)
             return {}
 
         try:
@@ -284,7 +349,7 @@ class GenerationRuntime:
                 generator=torch.Generator(device="cpu").manual_seed(job.seed),
                 output_type="np",
                 callback_on_step_end=on_step_end,
-                callback_on_step_end_tensor_inputs=[],
+                callback_on_step_end_tensor_inputs=extras.tensor_inputs,
             )
         except OOM_ERRORS as exc:
             if torch.cuda.is_available():

@@ -239,6 +239,10 @@ class QueueController:
         self.state.resumed()
         self.publish("job.resumed", job_id, {"step": step, "steps": steps})
 
+    def _on_spec(self, job_id: int, spec: ResolvedJob) -> None:
+        record = self.store.update_spec(job_id, spec)
+        self.publish("job.updated", job_id, {"spec": msgspec.to_builtins(record.spec)})
+
     def _on_model(self, event: str, job_id: int, model: str, data: dict[str, Any]) -> None:
         self.publish(event, None, {"model": model, "job": job_id, **data})
 
@@ -378,7 +382,7 @@ class QueueController:
             )
         return self.state.paused, self.state.pause_mode, self.store.counts(), info
 
-    async def stop(self, mode: str = "graceful", timeout: float = 30.0) -> None:
+    async def stop(self, mode: str = "graceful", timeout: float = 30.0, grace: float = 0.0) -> None:
         """Take no new jobs, settle the running one, and let `run()` return.
 
         "graceful": the running job goes back to the queue at its old place, attempts
@@ -387,6 +391,9 @@ class QueueController:
         to unwind at once (the abort latch, which lands within one transformer block and
         also wakes a held job), and because the unwind was asked for by the stop, not by
         a user, it ends `queued`, never `aborted`.
+        With `grace` > 0, "graceful" first gives the running job up to `grace` seconds
+        to finish and requeues it only if it has not; `requeue_running()` (a second
+        stop signal) cuts the wait short.
         "finish": the running job runs to its end. A job held by "pause now" is
         requeued as in "graceful", since finishing it would break the pause.
         After `timeout` seconds stop returns anyway. The loop still records the job's
@@ -401,9 +408,14 @@ class QueueController:
         running = self.state.running
         if running is None or self._job_done is None:
             return
+        if mode == "graceful" and grace > 0 and not running.control.pause_requested:
+            log.info("stopping: job %d has %g s to finish, else it is requeued", running.id, grace)
+            with anyio.move_on_after(grace):
+                await self._job_done.wait()
+            if self._job_done.is_set():
+                return
         if mode == "graceful" or running.control.pause_requested:
-            running.requeue_requested = True
-            running.control.request_abort()
+            self.requeue_running()
         log.info("stopping (%s): waiting for job %d", mode, running.id)
         with anyio.move_on_after(timeout):
             await self._job_done.wait()
@@ -413,6 +425,17 @@ class QueueController:
                 running.id,
                 timeout,
             )
+
+    def requeue_running(self) -> bool:
+        """Tell the running (or held) job to unwind now and go back to the queue, as a
+        graceful stop does; False when nothing runs or it is already unwinding. A
+        second stop signal calls this to cut a grace period short."""
+        running = self.state.running
+        if running is None or running.requeue_requested or running.abort_requested:
+            return False
+        running.requeue_requested = True
+        running.control.request_abort()
+        return True
 
 
 class _LoopHooks:
@@ -426,8 +449,18 @@ class _LoopHooks:
         self._c = controller
         self._job = job_id
 
-    def progress(self, step: int, steps: int, phase: str) -> None:
-        anyio.from_thread.run_sync(self._c._on_progress, self._job, step, steps, phase)
+    def progress(
+        self, step: int, steps: int, phase: str, preview: dict[str, Any] | None = None
+    ) -> None:
+        if preview is None:
+            anyio.from_thread.run_sync(self._c._on_progress, self._job, step, steps, phase)
+            return
+
+        def report() -> None:  # job.progress as _on_progress makes it, plus the preview
+            data = msgspec.to_builtins(self._c.state.update(step, steps, phase))
+            self._c.publish("job.progress", self._job, {**data, "preview": preview})
+
+        anyio.from_thread.run_sync(report)
 
     def paused(self, step: int, steps: int) -> None:
         anyio.from_thread.run_sync(self._c._on_paused, self._job, step, steps)
@@ -440,3 +473,6 @@ class _LoopHooks:
 
     def model_loaded(self, model: str, data: dict[str, Any]) -> None:
         anyio.from_thread.run_sync(self._c._on_model, "model.loaded", self._job, model, data)
+
+    def spec_changed(self, spec: Any) -> None:
+        anyio.from_thread.run_sync(self._c._on_spec, self._job, spec)

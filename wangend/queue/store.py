@@ -71,6 +71,12 @@ INSERT_JOB = (
 SET_POSITION_TO_ID = "UPDATE jobs SET position = id WHERE id = ?"
 SELECT_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"
 SELECT_STATE = "SELECT state FROM jobs WHERE id = ?"
+# Only a live job's spec may change (the worker records what it resolved while running,
+# e.g. the enhanced prompt); a finished job's record is history and stays as it was.
+UPDATE_SPEC = (
+    "UPDATE jobs SET spec = :spec, updated_at = :now "
+    "WHERE id = :id AND state IN ('running', 'paused')"
+)
 SELECT_NEXT = f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'queued' {RUN_ORDER} LIMIT 1"
 SELECT_QUEUED = f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'queued' {RUN_ORDER} LIMIT ?"
 SELECT_QUEUE_ORDER = f"SELECT id FROM jobs WHERE state = 'queued' {RUN_ORDER}"
@@ -316,6 +322,21 @@ class JobStore:
                     raise UnknownJob(job_id)
                 raise WrongState(
                     f"job {job_id} is {row[0]}; only a {either(allowed_from)} job can become {to}",
+                    {"job": job_id, "state": row[0]},
+                )
+        return self.get(job_id)
+
+    def update_spec(self, job_id: int, spec: ResolvedJob) -> JobRecord:
+        """Replace a running job's resolved spec (WrongState when it is not running)."""
+        _check_id(job_id)
+        params = {"id": job_id, "spec": msgspec.json.encode(spec).decode(), "now": time.time()}
+        with self.transaction() as db:
+            if db.execute(UPDATE_SPEC, params).rowcount == 0:
+                row = db.execute(SELECT_STATE, (job_id,)).fetchone()
+                if row is None:
+                    raise UnknownJob(job_id)
+                raise WrongState(
+                    f"job {job_id} is {row[0]}; only a running job's spec can change",
                     {"job": job_id, "state": row[0]},
                 )
         return self.get(job_id)
