@@ -12,11 +12,13 @@ import pytest
 from typer.testing import CliRunner
 
 from wangend.cli import app
+from wangend.config import ServerConfig
 from wangend.server.systemd import render_units
 
 REPO = Path(__file__).resolve().parents[1]
 WANGEND = str(Path(sys.executable).parent / "wangend")  # the venv's entry point
 runner = CliRunner()
+STOP_UNWIND = 30.0  # QueueController.stop's default timeout for the job to unwind
 
 
 def install(*args: str) -> str:
@@ -89,3 +91,16 @@ def test_checked_in_units_match_the_rendered_ones() -> None:
         assert (REPO / "systemd" / name).read_text() == text, name
     user = render_units("%h/.local/bin/wangend", user=True)["wangend.service"]
     assert (REPO / "systemd" / "wangend-user.service").read_text() == user
+
+
+@pytest.mark.parametrize("user", [False, True])
+def test_stop_timeout_leaves_room_for_the_graceful_stop(user: bool) -> None:
+    """systemd kills the daemon after TimeoutStopSec: the default stop (no grace, the
+    running job unwinding for up to STOP_UNWIND seconds) must fit well inside it, and
+    docs/operations.md tells operators who set `stop_grace` to raise it to match."""
+    text = render_units(WANGEND, user=user)["wangend.service"]
+    timeout = int(next(line for line in text.splitlines() if line.startswith("TimeoutStopSec=")
+                       ).split("=", 1)[1])  # fmt: skip
+    assert ServerConfig().stop_grace + STOP_UNWIND < timeout
+    docs = (REPO / "docs" / "operations.md").read_text()
+    assert "TimeoutStopSec" in docs and "stop_grace" in docs

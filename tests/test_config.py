@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from wangend.config import ConfigError, load_config
-from wangend.server.statedir import StartupError, StateLock, load_or_create_token
+from wangend.cli import app as cli_app
+from wangend.config import ConfigError, effective_values, load_config, load_config_sources
+from wangend.server.statedir import StartupError, StateLock, is_loopback, load_or_create_token
 
 
 def test_defaults_follow_xdg(tmp_path: Path) -> None:
@@ -66,3 +70,107 @@ def test_one_daemon_per_state_dir(tmp_path: Path) -> None:
     first.release()
     second.acquire()  # free again once the holder is gone
     second.release()
+
+
+def test_tables_reject_unknown_keys_by_path_and_env_reaches_them(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text("[media]\ncrf2 = 20\n")
+    with pytest.raises(ConfigError, match=r"unknown key media\.crf2 in .*config\.toml"):
+        load_config(path, env={"HOME": str(tmp_path)})
+    path.write_text("media = 3\n")
+    with pytest.raises(ConfigError, match=r"media .* must be a table"):
+        load_config(path, env={"HOME": str(tmp_path)})
+    path.write_text("[media]\ncrf = 99\n")
+    with pytest.raises(ConfigError, match=r"media\.crf \(file .*config\.toml\): .*<= 51"):
+        load_config(path, env={"HOME": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"engine\.turbo \(from \$WANGEN_ENGINE__TURBO"):
+        load_config(None, env={"HOME": str(tmp_path), "WANGEN_ENGINE__TURBO": "1"})
+    with pytest.raises(ConfigError, match=r"\$WANGEN_STOP_GRACE='soon'"):
+        load_config(None, env={"HOME": str(tmp_path), "WANGEN_STOP_GRACE": "soon"})
+
+
+def test_every_value_says_where_it_came_from(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text("port = 9000\nstop_grace = 20\n[media]\ncrf = 20\n[engine]\nfp8 = true\n")
+    env = {
+        "HOME": str(tmp_path),
+        "WANGEN_MEDIA__CRF": "23",
+        "WANGEN_LORA__FOLDERS": "/a:/b",
+        "WANGEN_MAX_ATTEMPTS": "5",
+    }
+    cfg, sources = load_config_sources(path, {"host": "127.0.0.2", "port": None}, env=env)
+    assert (cfg.media.crf, cfg.engine.fp8, cfg.lora.folders) == (23, True, ["/a", "/b"])
+    assert (cfg.stop_grace, cfg.max_attempts, cfg.host) == (20.0, 5, "127.0.0.2")
+    shown = {v.key: v.source for v in effective_values(cfg, sources)}
+    assert shown["port"] == shown["stop_grace"] == shown["engine.fp8"] == f"file {path}"
+    assert shown["media.crf"] == "env WANGEN_MEDIA__CRF"
+    assert shown["max_attempts"] == "env WANGEN_MAX_ATTEMPTS"
+    assert shown["host"] == "flag --host"
+    assert shown["media.codec"] == shown["dtype"] == "default"
+    assert load_config(None, env={"HOME": str(tmp_path)}).stop_grace == 0.0
+
+
+def test_config_show_prints_toml_with_sources_and_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text("[media]\ncrf = 20\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANGEN_STOP_GRACE", "15")
+    for var in ("WANGEN_CONFIG", "WANGEN_STATE_DIR", "XDG_CONFIG_HOME", "WANGEN_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    result = CliRunner().invoke(cli_app, ["config", "show", "--config", str(path), "--port", "1"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert any(re.fullmatch(r"port = 1 +# flag --port", line) for line in lines)
+    assert any(re.fullmatch(r"stop_grace = 15\.0 +# env WANGEN_STOP_GRACE", line) for line in lines)
+    assert any(re.fullmatch(rf"crf = 20 +# file {re.escape(str(path))}", line) for line in lines)
+    assert "[media]" in lines and "[engine]" in lines
+    assert any(line.startswith("# step_cache_threshold (not set)") for line in lines)
+    shown = CliRunner().invoke(cli_app, ["config", "show", "--config", str(path), "--json"])
+    document = json.loads(shown.stdout)
+    assert document["config"]["media"]["crf"] == 20
+    assert document["sources"]["media.crf"] == f"file {path}"
+    path.write_text("[media]\ncrf2 = 1\n")
+    bad = CliRunner().invoke(cli_app, ["config", "show", "--config", str(path)])
+    assert bad.exit_code == 2 and "unknown key media.crf2" in bad.output
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.1.2.3", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("", False),
+        ("::", False),
+        ("192.168.1.20", False),
+        ("gpu-box.example", False),
+    ],
+)
+def test_which_addresses_count_as_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+def test_tcp_beyond_loopback_warns_naming_the_address_and_needs_the_token(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from wangend.server.daemon import Daemon  # the daemon's module pulls in torch
+
+    env = {"HOME": str(tmp_path)}
+    exposed = load_config(None, {"host": "0.0.0.0", "state_dir": str(tmp_path)}, env=env)
+    load_or_create_token(exposed.token_path)
+    with caplog.at_level("WARNING", logger="wangend"):
+        Daemon(exposed)._warn_if_exposed()
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "TCP listens on 0.0.0.0" in warning and str(exposed.token_path) in warning
+    caplog.clear()
+    local = load_config(None, {"host": "127.0.0.1", "state_dir": str(tmp_path)}, env=env)
+    Daemon(local)._warn_if_exposed()
+    assert caplog.records == []
+    exposed.token_path.unlink()
+    with pytest.raises(StartupError, match="no token file"):
+        Daemon(exposed)._warn_if_exposed()

@@ -494,6 +494,75 @@ def shutdown(
     _run(ctx, work)
 
 
+@app.command("import-queue")
+def import_queue(
+    ctx: typer.Context,
+    file: Annotated[str, typer.Argument(help="Wan2GP queue.zip, queue.json or settings .json")],
+    model_map: Annotated[
+        list[str] | None,
+        typer.Option("--model-map", help="WAN2GP_TYPE=MODEL, e.g. t2v=wan2.1-t2v-14b (repeat)"),
+    ] = None,
+    media_dir: Annotated[
+        str | None,
+        typer.Option(help="where attached media go (default ~/.local/share/wangend/imports/NAME)"),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print the mapping; extract and enqueue nothing")
+    ] = False,
+) -> None:
+    """Queue the tasks of a saved Wan2GP queue; report per task what was queued or why not.
+
+    Exit 1 when the daemon refused any task (the others are still queued).
+    """
+    from pathlib import Path
+
+    import msgspec
+
+    from . import importer
+
+    opts: Options = ctx.obj
+    path = Path(file).expanduser()
+    try:
+        mapping = importer.parse_model_map(model_map or [])
+        queue = importer.read_queue(path)
+    except importer.QueueImportError as exc:
+        typer.echo(f"wangenctl: {exc}", err=True)
+        raise typer.Exit(2) from None
+    folder = Path(media_dir).expanduser() if media_dir else importer.default_media_dir(path)
+    tasks, attachments = importer.map_tasks(queue, mapping, folder)
+
+    def report() -> None:
+        for task in tasks:
+            if opts.json:
+                typer.echo(msgspec.json.encode(task).decode())
+            else:
+                typer.echo(importer.describe(task))
+
+    if dry_run:
+        report()
+        return
+    try:
+        importer.extract_media(queue, attachments)
+    except OSError as exc:
+        typer.echo(f"wangenctl: cannot extract media to {folder}: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+    async def work(c: Client, out: Renderer) -> int:
+        from .client import RpcError
+
+        for task in tasks:
+            if task.spec is None:
+                continue
+            try:
+                task.job = (await c.enqueue(task.spec)).job
+            except RpcError as exc:
+                task.error = str(exc)
+        report()
+        return 1 if any(t.error for t in tasks) else 0
+
+    _run(ctx, work)
+
+
 def main() -> None:
     """The `wangenctl` console script."""
     app()

@@ -16,7 +16,14 @@ import msgspec
 import typer
 
 from . import __version__
-from .config import ConfigError, ServerConfig, load_config
+from .config import (
+    ConfigError,
+    ConfigValue,
+    ServerConfig,
+    effective_values,
+    load_config,
+    load_config_sources,
+)
 from .logs import setup_logging
 
 app = typer.Typer(
@@ -31,9 +38,49 @@ app.add_typer(config_app, name="config")
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="TOML config file", envvar="WANGEN_CONFIG")
 ]
+HostOpt = Annotated[str | None, typer.Option(help="TCP address to bind")]
+PortOpt = Annotated[int | None, typer.Option(help="TCP port (0 = any free port)")]
+NoTcpOpt = Annotated[bool, typer.Option("--no-tcp", help="Unix socket only")]
+SocketOpt = Annotated[str | None, typer.Option("--socket", help="Unix socket path")]
+StateOpt = Annotated[str | None, typer.Option(help="Queue, token and model cache")]
+OutputOpt = Annotated[str | None, typer.Option(help="Where outputs are written")]
+ModelOpt = Annotated[str | None, typer.Option(help="Default model for jobs naming none")]
+DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N")]
+LogOpt = Annotated[str | None, typer.Option(help="debug, info, warning, error")]
+GraceOpt = Annotated[
+    float | None,
+    typer.Option(help="Seconds a running job may take to finish on stop before it is requeued"),
+]
 
 
-def _load(config: Path | None, **overrides: object) -> ServerConfig:
+def _overrides(
+    host: str | None = None,
+    port: int | None = None,
+    no_tcp: bool = False,
+    socket: str | None = None,
+    state_dir: str | None = None,
+    output_dir: str | None = None,
+    model: str | None = None,
+    device: str | None = None,
+    log_level: str | None = None,
+    stop_grace: float | None = None,
+) -> dict[str, object]:
+    """Flags as config keys; None means "not given", so the file or env value stands."""
+    return {
+        "host": host,
+        "port": port,
+        "tcp": False if no_tcp else None,
+        "socket": socket,
+        "state_dir": state_dir,
+        "output_dir": output_dir,
+        "model": model,
+        "device": device,
+        "log_level": log_level,
+        "stop_grace": stop_grace,
+    }
+
+
+def _load(config: Path | None, overrides: dict[str, object] | None = None) -> ServerConfig:
     try:
         return load_config(config, overrides)
     except ConfigError as exc:
@@ -44,29 +91,22 @@ def _load(config: Path | None, **overrides: object) -> ServerConfig:
 @app.command()
 def serve(
     config: ConfigOpt = None,
-    host: Annotated[str | None, typer.Option(help="TCP address to bind")] = None,
-    port: Annotated[int | None, typer.Option(help="TCP port (0 = any free port)")] = None,
-    no_tcp: Annotated[bool, typer.Option("--no-tcp", help="Unix socket only")] = False,
-    socket: Annotated[str | None, typer.Option("--socket", help="Unix socket path")] = None,
-    state_dir: Annotated[str | None, typer.Option(help="Queue, token and model cache")] = None,
-    output_dir: Annotated[str | None, typer.Option(help="Where outputs are written")] = None,
-    model: Annotated[str | None, typer.Option(help="Default model for jobs naming none")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N")] = None,
-    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error")] = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    no_tcp: NoTcpOpt = False,
+    socket: SocketOpt = None,
+    state_dir: StateOpt = None,
+    output_dir: OutputOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    log_level: LogOpt = None,
+    stop_grace: GraceOpt = None,
 ) -> None:
     """Run the daemon in the foreground until SIGTERM/SIGINT or the `shutdown` call."""
-    cfg = _load(
-        config,
-        host=host,
-        port=port,
-        tcp=False if no_tcp else None,
-        socket=socket,
-        state_dir=state_dir,
-        output_dir=output_dir,
-        model=model,
-        device=device,
-        log_level=log_level,
+    overrides = _overrides(
+        host, port, no_tcp, socket, state_dir, output_dir, model, device, log_level, stop_grace
     )
+    cfg = _load(config, overrides)
     setup_logging(cfg.log_level)
     from .server.daemon import StartupError, run_daemon  # heavy imports only for serve
     from .server.systemd import listen_sockets
@@ -74,17 +114,6 @@ def serve(
     def reload() -> ServerConfig:  # SIGHUP: the same file, env and flags, read again
         return load_config(config, overrides)
 
-    overrides = {
-        "host": host,
-        "port": port,
-        "tcp": False if no_tcp else None,
-        "socket": socket,
-        "state_dir": state_dir,
-        "output_dir": output_dir,
-        "model": model,
-        "device": device,
-        "log_level": log_level,
-    }
     try:
         code = run_daemon(cfg, reload=reload, sockets=listen_sockets())
     except StartupError as exc:
@@ -107,11 +136,59 @@ def config_check(config: ConfigOpt = None) -> None:
 
 
 @config_app.command("show")
-def config_show(config: ConfigOpt = None) -> None:
-    """Print the effective config as TOML-like key = value lines."""
-    cfg = _load(config)
-    for key, value in msgspec.structs.asdict(cfg).items():
-        typer.echo(f"{key} = {msgspec.json.encode(value).decode()}")
+def config_show(
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object")] = False,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    no_tcp: NoTcpOpt = False,
+    socket: SocketOpt = None,
+    state_dir: StateOpt = None,
+    output_dir: OutputOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    log_level: LogOpt = None,
+    stop_grace: GraceOpt = None,
+) -> None:
+    """Print every effective setting and where it came from: default, the file, an
+    environment variable or a flag (the same flags as `serve`)."""
+    overrides = _overrides(
+        host, port, no_tcp, socket, state_dir, output_dir, model, device, log_level, stop_grace
+    )
+    try:
+        cfg, sources = load_config_sources(config, overrides)
+    except ConfigError as exc:
+        typer.echo(f"wangend: {exc}", err=True)
+        raise typer.Exit(2) from None
+    entries = effective_values(cfg, sources)
+    if as_json:
+        document = {
+            "config": msgspec.to_builtins(cfg),
+            "sources": {e.key: e.source for e in entries},
+        }
+        typer.echo(msgspec.json.encode(document).decode())
+        return
+    for line in render_toml(entries):
+        typer.echo(line)
+
+
+def render_toml(entries: list[ConfigValue]) -> list[str]:
+    """TOML a config file could hold, each line commented with its source."""
+    lines: list[str] = []
+    table = ""
+    for entry in entries:
+        section, _, key = entry.key.rpartition(".")
+        if section != table:
+            lines.append(f"\n[{section}]")
+            table = section
+        if entry.value is None:  # TOML has no null: leave the key out, commented
+            text = f"# {key} (not set)"
+        elif isinstance(entry.value, bool):
+            text = f"{key} = {'true' if entry.value else 'false'}"
+        else:
+            text = f"{key} = {msgspec.json.encode(entry.value).decode()}"
+        lines.append(f"{text:<44} # {entry.source}")
+    return lines
 
 
 @app.command("install-units")

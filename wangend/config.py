@@ -2,19 +2,27 @@
 
 Precedence, lowest first: built-in defaults, the TOML file (`--config`, else
 `$WANGEN_CONFIG`, else `$XDG_CONFIG_HOME/wangend/config.toml` when it exists), then
-environment variables (`WANGEN_*`), then command-line flags. Unknown keys in the file are
-rejected with the key's path, so a typo never silently does nothing.
+environment variables, then command-line flags. Unknown keys, in the file's [tables] too,
+are rejected with the key's path (`media.crf2`), so a typo never silently does nothing.
+
+Environment: `WANGEN_HOST`, `_PORT`, `_SOCKET`, `_STATE_DIR`, `_OUTPUT_DIR`, `_MODEL`,
+`_DEVICE`, `_DTYPE`, `_LOG_LEVEL`, `_MAX_ATTEMPTS`, `_STOP_GRACE` for the top-level keys,
+and `WANGEN_<TABLE>__<KEY>` (double underscore) for a table's key, e.g.
+`WANGEN_MEDIA__CRF=20` or `WANGEN_ENGINE__FP8=true`; lists split on `:`.
+`load_config_sources` also says which source set each key, for `wangend config show`.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
+import msgspec.inspect
 from msgspec import Meta, Struct
 
 from .protocol import (
@@ -27,13 +35,16 @@ from .protocol import (
 
 __all__ = [
     "ConfigError",
+    "ConfigValue",
     "EngineConfig",
     "EnhancerConfig",
     "LoraConfig",
     "MatAnyOneConfig",
     "MediaConfig",
     "ServerConfig",
+    "effective_values",
     "load_config",
+    "load_config_sources",
 ]
 
 
@@ -120,6 +131,9 @@ class ServerConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True
     subscriber_buffer: Annotated[int, Meta(ge=16)] = 4_096  # events queued per connection
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     no_socket: bool = False  # disable the Unix socket listener
+    # seconds a running job may take to finish on SIGTERM / `shutdown` before it is
+    # put back in the queue; 0 requeues it at once. Keep below systemd's TimeoutStopSec.
+    stop_grace: Annotated[float, Meta(ge=0.0, le=86_400.0)] = 0.0
     engine: EngineConfig = EngineConfig()
     media: MediaConfig = MediaConfig()
     lora: LoraConfig = LoraConfig()
@@ -147,6 +161,8 @@ class ServerConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True
         return Path(self.state_dir) / "models"
 
 
+# Top-level keys an environment variable may set; nested keys use
+# WANGEN_<SECTION>__<KEY> (double underscore), e.g. WANGEN_MEDIA__CRF=20.
 _ENV_KEYS = {
     "WANGEN_HOST": "host",
     "WANGEN_PORT": "port",
@@ -157,7 +173,28 @@ _ENV_KEYS = {
     "WANGEN_DEVICE": "device",
     "WANGEN_DTYPE": "dtype",
     "WANGEN_LOG_LEVEL": "log_level",
+    "WANGEN_MAX_ATTEMPTS": "max_attempts",
+    "WANGEN_STOP_GRACE": "stop_grace",
 }
+_SECTIONS: dict[str, type[Section]] = {
+    "engine": EngineConfig,
+    "media": MediaConfig,
+    "lora": LoraConfig,
+    "enhancer": EnhancerConfig,
+    "matanyone": MatAnyOneConfig,
+}
+_FLAG_NAMES = {"tcp": "--no-tcp"}  # flags whose name is not --<key-with-dashes>
+_ERROR_PATH = re.compile(r"`\$\.([A-Za-z0-9_.]+)`")
+
+
+class ConfigValue(Struct, frozen=True, kw_only=True):
+    """One effective setting for `wangend config show`: where it came from, in words
+    an operator can act on ("default", "file /etc/wangend.toml", "env WANGEN_PORT",
+    "flag --port")."""
+
+    key: str  # "port", "media.crf"
+    value: Any
+    source: str
 
 
 def default_config_path(env: Mapping[str, str]) -> Path | None:
@@ -174,28 +211,141 @@ def load_config(
     env: Mapping[str, str] | None = None,
 ) -> ServerConfig:
     """Build the effective config. `overrides` are CLI values; None means "not given"."""
+    return load_config_sources(path, overrides, env)[0]
+
+
+def load_config_sources(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> tuple[ServerConfig, dict[str, str]]:
+    """The effective config and, per key path given anywhere ("port", "media.crf"),
+    the source that set it last; keys missing from the map are defaults."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     cfg_path = Path(path).expanduser() if path else default_config_path(env)
     if cfg_path is not None:
-        try:
-            values.update(tomllib.loads(cfg_path.read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {cfg_path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {cfg_path} is not valid TOML: {exc}") from None
-    for var, key in _ENV_KEYS.items():
-        if env.get(var):
-            values[key] = int(env[var]) if key == "port" and env[var].isdigit() else env[var]
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            values[key] = value
+        data = _read_toml(cfg_path)
+        _check_keys(data, f"in {cfg_path}")
+        _merge(values, sources, data, f"file {cfg_path}")
+    _merge(values, sources, _env_values(env), None)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    _check_keys(given, "given as a flag")
+    for key, value in given.items():
+        values[key] = value
+        sources[key] = "flag " + _FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
     try:
         config = msgspec.convert(values, ServerConfig, str_keys=True)
     except msgspec.ValidationError as exc:
-        where = f" in {cfg_path}" if cfg_path else ""
-        raise ConfigError(f"invalid config{where}: {exc}") from None
-    return resolve_paths(config, env)
+        raise ConfigError(_explain(str(exc), sources)) from None
+    return resolve_paths(config, env), sources
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _fields(struct: type[Struct]) -> dict[str, msgspec.structs.FieldInfo]:
+    return {f.name: f for f in msgspec.structs.fields(struct)}
+
+
+def _check_keys(data: Mapping[str, Any], where: str) -> None:
+    """Reject unknown keys, also inside the [tables], naming the key's full path."""
+    top = _fields(ServerConfig)
+    for key, value in data.items():
+        if key not in top:
+            raise ConfigError(f"unknown key {key} {where}")
+        if key in _SECTIONS:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{key} {where} must be a table ([{key}])")
+            known = _fields(_SECTIONS[key])
+            for sub in value:
+                if sub not in known:
+                    raise ConfigError(f"unknown key {key}.{sub} {where}")
+
+
+def _merge(
+    values: dict[str, Any], sources: dict[str, str], data: Mapping[str, Any], source: str | None
+) -> None:
+    """Lay `data` over `values`, table by table. `source` None: `data` maps each key to
+    (value, source) pairs (the environment, where every key has its own variable)."""
+    for key, item in data.items():
+        if key in _SECTIONS:
+            table = dict(values.get(key) or {})
+            for sub, sub_item in item.items():
+                value, origin = (sub_item, source) if source else sub_item
+                table[sub] = value
+                sources[f"{key}.{sub}"] = origin
+            values[key] = table
+            continue
+        value, origin = (item, source) if source else item
+        values[key] = value
+        sources[key] = origin
+
+
+def _env_values(env: Mapping[str, str]) -> dict[str, Any]:
+    """WANGEN_* variables as {key: (value, "env NAME")}, {section: {key: (...)}}; each
+    value converted to its field's type here, so a bad one names its variable."""
+    out: dict[str, Any] = {}
+    top = _fields(ServerConfig)
+    for var, key in _ENV_KEYS.items():
+        if env.get(var):
+            out[key] = (_coerce(env[var], top[key], var), f"env {var}")
+    for var in sorted(env):
+        if not var.startswith("WANGEN_") or "__" not in var or not env[var]:
+            continue
+        section, _, key = var[len("WANGEN_") :].lower().partition("__")
+        if section not in _SECTIONS or key not in _fields(_SECTIONS[section]):
+            raise ConfigError(f"unknown key {section}.{key} (from ${var})")
+        field = _fields(_SECTIONS[section])[key]
+        out.setdefault(section, {})[key] = (_coerce(env[var], field, var), f"env {var}")
+    return out
+
+
+def _coerce(raw: str, field: msgspec.structs.FieldInfo, var: str) -> Any:
+    info = msgspec.inspect.type_info(field.type)
+    if isinstance(info, msgspec.inspect.ListType):
+        return [part for part in raw.split(os.pathsep) if part]
+    try:
+        return msgspec.convert(raw, field.type, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"${var}={raw!r} is not a valid {field.name}: {exc}") from None
+
+
+def _explain(message: str, sources: Mapping[str, str]) -> str:
+    """msgspec's `... - at `$.media.crf`` as `media.crf (file /x.toml): ...`."""
+    match = _ERROR_PATH.search(message)
+    if match is None:
+        return f"invalid config: {message}"
+    key = match.group(1)
+    text = message[: match.start()].removesuffix(" - at ").strip()
+    origin = sources.get(key, "default")
+    return f"invalid value for {key} ({origin}): {text}"
+
+
+def effective_values(config: ServerConfig, sources: Mapping[str, str]) -> list[ConfigValue]:
+    """Every setting, nested tables flattened to "section.key", with its source."""
+    derived = {"socket": "default (in the state dir)"}
+    out: list[ConfigValue] = []
+    for key, value in msgspec.structs.asdict(config).items():
+        if isinstance(value, Section):
+            for sub, sub_value in msgspec.structs.asdict(value).items():
+                path = f"{key}.{sub}"
+                out.append(
+                    ConfigValue(key=path, value=sub_value, source=sources.get(path, "default"))
+                )
+            continue
+        source = sources.get(key, derived.get(key, "default"))
+        out.append(ConfigValue(key=key, value=value, source=source))
+    return out
 
 
 def resolve_paths(config: ServerConfig, env: Mapping[str, str]) -> ServerConfig:

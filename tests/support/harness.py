@@ -42,10 +42,9 @@ class DaemonProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.endpoint: dict = {}
 
-    def start(self, timeout: float = 60.0) -> DaemonProcess:
-        endpoint_file = self.state_dir / "endpoint.json"
-        endpoint_file.unlink(missing_ok=True)
-        cmd = [
+    def command(self) -> list[str]:
+        """The daemon's command line (the wrapper's included)."""
+        return [
             *self.wrapper,
             sys.executable,
             "-m",
@@ -61,6 +60,11 @@ class DaemonProcess:
             "0",
             *self.extra_args,
         ]
+
+    def start(self, timeout: float = 60.0) -> DaemonProcess:
+        endpoint_file = self.state_dir / "endpoint.json"
+        endpoint_file.unlink(missing_ok=True)
+        cmd = self.command()
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, pass_fds=self.pass_fds
@@ -109,6 +113,23 @@ class DaemonProcess:
 
     def tcp(self, authed: bool = True, timeout: float = 30.0) -> WireClient:
         return WireClient.tcp("127.0.0.1", self.port, self.token if authed else None, timeout)
+
+    def run_until_exit(self, timeout: float = 60.0) -> tuple[int, str]:
+        """Run `wangend serve` expecting it to fail at startup: (exit code, its output)."""
+        done = subprocess.run(
+            self.command(), capture_output=True, text=True, env=self.env, timeout=timeout
+        )
+        return done.returncode, done.stdout + done.stderr
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        """The exit code once the daemon has exited by itself (after a signal sent with
+        `signal`); raises subprocess.TimeoutExpired if it does not within `timeout`."""
+        assert self.proc is not None
+        return self.proc.wait(timeout)
 
     def kill9(self) -> None:
         assert self.proc is not None

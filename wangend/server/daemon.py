@@ -9,8 +9,14 @@ methods never reach into the objects' wiring.
     serve      the controller's scheduling loop and the listeners run in one task group;
                `endpoint.json` tells clients where the daemon listens
     shutdown   on SIGTERM/SIGINT, the `shutdown` call or the test's trigger: stop taking
-               work, hold the running job at its next step and put it back in the queue,
-               say goodbye to connections, close the store, release the lock
+               work; give the running job `stop_grace` seconds to finish (0: none), then
+               unwind it and put it back in the queue (a second signal cuts the grace
+               short); say goodbye to connections, close the store, release the lock
+
+Startup failures are StartupErrors with one clear sentence and an exit code (cli.py):
+2 for what a restart cannot fix (bad state dir, token file, a corrupt or newer queue
+database), 3 for a lock held by another process (the state dir's lock file, or the
+SQLite database locked by another program), 1 for anything else.
 
 Under systemd (server/systemd.py) the daemon says READY=1 once the store is open and the
 listeners are up (before any model loads), keeps STATUS= current (at most once a second),
@@ -48,7 +54,16 @@ from ..queue.controller import QueueController
 from ..queue.store import JobStore
 from .events import EventBus
 from .rpc import build_dispatcher
-from .statedir import StartupError, StateLock, load_or_create_token, prepare_state_dir, tokens_match
+from .statedir import (
+    StartupError,
+    StateLock,
+    database_errors,
+    is_loopback,
+    load_or_create_token,
+    prepare_state_dir,
+    socket_host,
+    tokens_match,
+)
 from .systemd import Notifier, watchdog_interval
 from .transport import Server
 
@@ -59,7 +74,7 @@ log = logging.getLogger("wangend")
 SEQ_META_KEY = "event_seq_reserved"
 SEQ_BLOCK = 100_000
 STATUS_INTERVAL = 1.0  # seconds between STATUS= updates to systemd, at most one each
-RELOADABLE = frozenset({"log_level"})  # config keys SIGHUP applies without a restart
+RELOADABLE = frozenset({"log_level", "stop_grace"})  # keys SIGHUP applies at once
 
 
 class Daemon:
@@ -97,34 +112,59 @@ class Daemon:
         prepare_state_dir(cfg.state_path)
         self._lock.acquire()
         self._token = load_or_create_token(cfg.token_path)
+        self._warn_if_exposed()
         try:
             cfg.output_path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             msg = f"cannot create output dir {cfg.output_dir}: {exc.strerror}"
             raise StartupError(msg, 2) from None
-        try:
+        with database_errors(cfg.db_path):
             self.store = JobStore(cfg.db_path)
-        except Exception as exc:  # a locked or corrupt database must be a clear message
-            raise StartupError(f"cannot open the queue database {cfg.db_path}: {exc}", 1) from exc
         quiet_library_progress_bars()
         self.registry = ModelRegistry(cfg.models_path)
         self.production = ProductionManager(self.registry, cfg.device, cfg.dtype)
         self.runtime = GenerationRuntime(self.production, cfg.output_path)
         self.inputs = TaskInputManager(self.registry, cfg.model, self.production.dtype_name)
-        self.bus = EventBus(
-            cfg.event_buffer,
-            start_after=int(self.store.get_meta(SEQ_META_KEY) or 0),
-            reserve=self._reserve_seqs,
-        )
-        self.controller = QueueController(
-            self.store, self.runtime, self.inputs, self.bus.publish, max_attempts=cfg.max_attempts
-        )
+        with database_errors(cfg.db_path):  # the first reads and the crash recovery
+            self.bus = EventBus(
+                cfg.event_buffer,
+                start_after=int(self.store.get_meta(SEQ_META_KEY) or 0),
+                reserve=self._reserve_seqs,
+            )
+            self.controller = QueueController(
+                self.store,
+                self.runtime,
+                self.inputs,
+                self.bus.publish,
+                max_attempts=cfg.max_attempts,
+            )
         self.server = Server(
             build_dispatcher(self),
             self.bus,
             max_line_bytes=cfg.max_line_bytes,
             subscriber_buffer=cfg.subscriber_buffer,
         )
+
+    def _warn_if_exposed(self) -> None:
+        """TCP on an address other hosts can reach: say so, loudly, once. The token
+        file (created just before) is what stands between the network and the GPU."""
+        cfg = self.config
+        if self._sockets is not None:
+            addresses = [socket_host(s) for s in self._sockets]
+        else:
+            addresses = [cfg.host] if cfg.tcp else []
+        for host in addresses:
+            if host is None or is_loopback(host):
+                continue
+            if not cfg.token_path.is_file():  # build() made it; never listen without one
+                raise StartupError(f"no token file {cfg.token_path}; refusing to listen on {host}")
+            log.warning(
+                "TCP listens on %s, reachable from other machines: every client needs the "
+                "token in %s (keep it 0600); firewall the port or bind 127.0.0.1 if that "
+                "is not what you want",
+                host,
+                cfg.token_path,
+            )
 
     def _reserve_seqs(self, seq: int) -> int:
         """Persist a new upper bound for event numbers: one write per SEQ_BLOCK events,
@@ -194,11 +234,13 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         self.accepting = False
-        log.info("shutting down (%s)", self._stop_mode)
-        self.notifier.stopping(f"stopping ({self._stop_mode})")
-        self.bus.publish("daemon.stopping", None, {"mode": self._stop_mode})
+        mode = self._stop_mode
+        grace = self.config.stop_grace if mode == "graceful" else 0.0
+        log.info("shutting down (%s%s)", mode, f", {grace:g} s grace" if grace else "")
+        self.notifier.stopping(f"stopping ({mode})")
+        self.bus.publish("daemon.stopping", None, {"mode": mode, "grace": grace})
         with anyio.CancelScope(shield=True):
-            await self.controller.stop(self._stop_mode)
+            await self.controller.stop(mode, grace=grace)
             await self.server.close()
 
     async def _report_status(self) -> None:
@@ -280,6 +322,15 @@ class Daemon:
         if self._stop_requested is not None:
             self._stop_requested.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop_requested is not None and self._stop_requested.is_set()
+
+    def requeue_now(self) -> bool:
+        """A second stop signal: end the grace period, requeue the running job now.
+        False when there is nothing left to hurry (the caller then exits at once)."""
+        return hasattr(self, "controller") and self.controller.requeue_running()
+
     def check_token(self, token: str) -> bool:
         return tokens_match(self._token, token)
 
@@ -338,7 +389,9 @@ def run_daemon(
     reload: Callable[[], ServerConfig] | None = None,
     sockets: list[socket.socket] | None = None,
 ) -> int:
-    """Run until stopped; the first SIGTERM/SIGINT stops gracefully, a second one at once.
+    """Run until stopped. The first SIGTERM/SIGINT stops gracefully (with the config's
+    `stop_grace`); a second one during the grace period requeues the running job now,
+    and one after that exits at once with 1.
     SIGHUP calls `reload()` for a fresh config (an error there is logged, nothing more).
     `sockets`: inherited listeners (server/systemd.py `listen_sockets`)."""
 
@@ -360,10 +413,14 @@ def run_daemon(
                         if signum == signal.SIGHUP:
                             reload_now()
                             continue
-                        if daemon._stop_requested is not None and daemon._stop_requested.is_set():
-                            log.warning("second %s: stopping now", signal.Signals(signum).name)
+                        name = signal.Signals(signum).name
+                        if daemon.stopping:
+                            if daemon.requeue_now():
+                                log.warning("second %s: requeueing the running job now", name)
+                                continue
+                            log.warning("another %s: stopping now", name)
                             os._exit(1)
-                        log.info("%s received", signal.Signals(signum).name)
+                        log.info("%s received", name)
                         daemon.request_shutdown("graceful")
 
             def reload_now() -> None:

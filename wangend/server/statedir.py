@@ -1,4 +1,5 @@
-"""The state directory: one daemon per directory, the token file, permissions.
+"""The state directory: one daemon per directory, the token file, permissions, the
+queue database's startup errors, and what counts as a loopback address.
 
 Kept apart from daemon.py because these checks run before anything else is built and
 each has its own failure message and exit code.
@@ -9,9 +10,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hmac
+import ipaddress
 import os
 import secrets
+import socket
+import sqlite3
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -94,3 +99,40 @@ def load_or_create_token(path: Path) -> str:
 
 def tokens_match(expected: str, given: str) -> bool:
     return hmac.compare_digest(expected.encode(), given.encode())
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and "localhost"; "" and "0.0.0.0" mean every interface."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def socket_host(sock: socket.socket) -> str | None:
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None  # a Unix socket: the file's mode guards it
+    return str(sock.getsockname()[0])
+
+
+@contextlib.contextmanager
+def database_errors(path: Path) -> Iterator[None]:
+    """sqlite3 errors while opening the queue become one clear StartupError."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise StartupError(
+                f"the queue database {path} is locked by another process ({exc}); stop "
+                "whatever holds it (another wangend, a sqlite3 shell) and start again",
+                3,
+            ) from None
+        raise StartupError(f"cannot open the queue database {path}: {exc}", 1) from None
+    except sqlite3.DatabaseError as exc:
+        raise StartupError(
+            f"the queue database {path} cannot be used: {exc}; restore it from a backup, "
+            "or move it aside to start with an empty queue",
+            2,
+        ) from None

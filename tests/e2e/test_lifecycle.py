@@ -1,0 +1,108 @@
+"""Stopping the real daemon with a job running: the grace period, a second signal, and
+the restart that picks the job up again. Outcomes are read from the queue database
+after the process has exited, so nothing the daemon says about itself is taken on trust.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..support.harness import DaemonProcess
+from ..support.wire import WireClient, job_event, progressed
+
+pytestmark = pytest.mark.slow
+TERMINAL = ("job.succeeded", "job.failed", "job.aborted")
+
+
+def stored(daemon: DaemonProcess, job: int) -> dict[str, Any]:
+    """The job's row as the stopped daemon left it."""
+    with sqlite3.connect(daemon.state_dir / "queue.sqlite3") as db:
+        state, attempts, outputs, error = db.execute(
+            "SELECT state, attempts, outputs, error FROM jobs WHERE id = ?", (job,)
+        ).fetchone()
+    return {"state": state, "attempts": attempts, "outputs": outputs, "error": error}
+
+
+def wait_running(client: WireClient, job: int, timeout: float = 60.0) -> None:
+    """Until `job` is running and past its first denoising step (after a restart the
+    job may already be running when we connect, so events alone could miss it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        running = client.result("status")["running"]
+        ready = running and running["job"] == job and running["phase"] == "denoising"
+        if ready and running["step"] >= 1:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"job {job} did not start running")
+
+
+def test_stop_grace_second_signal_and_restart(tmp_path: Path) -> None:
+    # 1. A grace period too short for the running job: it goes back to the queue, not
+    #    failed, not aborted. `second` waits behind it with a higher priority.
+    daemon = DaemonProcess(tmp_path, "--stop-grace", "0.2").start()
+    try:
+        with daemon.unix() as client:
+            client.result("subscribe", {})
+            first = client.result("enqueue", {"prompt": "long", "steps": 200})["job"]
+            client.wait_event(progressed(first, 1))
+            spec = {"prompt": "short", "steps": 30, "priority": 10}
+            second = client.result("enqueue", spec)["job"]
+            daemon.signal(signal.SIGTERM)
+            requeued = client.wait_event(job_event(first, "job.queued", *TERMINAL))
+            assert requeued["data"]["requeued"] == "stopped", requeued
+        assert daemon.wait(60) == 0
+    finally:
+        daemon.stop()
+    row = stored(daemon, first)
+    assert row["state"] == "queued" and row["error"] is None and row["attempts"] == 1, row
+    assert stored(daemon, second)["state"] == "queued"
+    assert "has 0.2 s to finish" in daemon.log()
+
+    # 2. A long grace cut short by a second SIGTERM: requeued at once, still exit 0.
+    daemon.extra_args = ["--stop-grace", "600"]
+    daemon.start()
+    try:
+        with daemon.unix() as client:
+            client.result("subscribe", {})
+            wait_running(client, second)  # the higher priority runs first
+            daemon.signal(signal.SIGTERM)
+            stopping = client.wait_event(lambda e: e["type"] == "daemon.stopping")
+            assert stopping["data"] == {"mode": "graceful", "grace": 600.0}
+            daemon.signal(signal.SIGTERM)
+            requeued = client.wait_event(job_event(second, "job.queued", *TERMINAL))
+            assert requeued["type"] == "job.queued", requeued
+        assert daemon.wait(60) == 0
+    finally:
+        daemon.stop()
+    assert stored(daemon, second)["state"] == "queued"
+    assert "second SIGTERM: requeueing the running job now" in daemon.log()
+
+    # 3. The job resumes as queued at the next start; a grace period long enough lets it
+    #    finish before the daemon exits, and no new work is taken meanwhile.
+    daemon.extra_args = ["--stop-grace", "60"]
+    daemon.start()
+    try:
+        with daemon.unix() as client:
+            client.result("subscribe", {})
+            wait_running(client, second)
+            daemon.signal(signal.SIGTERM)
+            client.wait_event(lambda e: e["type"] == "daemon.stopping")
+            late = client.call("enqueue", {"prompt": "too late", "steps": 2})
+            assert late["error"]["code"] == -32005  # ShuttingDown
+            final = client.wait_event(job_event(second, *TERMINAL), timeout=120)
+            assert final["type"] == "job.succeeded", final
+        assert daemon.wait(60) == 0
+    finally:
+        daemon.stop()
+    row = stored(daemon, second)
+    assert row["state"] == "succeeded" and row["error"] is None
+    assert row["attempts"] == 2  # each start counts a run; no stop fails the job
+    assert Path(json.loads(row["outputs"])[0]).is_file()
+    assert stored(daemon, first)["state"] == "queued"  # never started again: stopping
