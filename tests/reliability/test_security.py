@@ -22,8 +22,10 @@ PROTOCOL_DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 
 
 def documented_methods() -> list[str]:
-    """Every method in the table of docs/protocol.md."""
-    methods = re.findall(r"^\| `([a-z_]+)` \|", PROTOCOL_DOC.read_text(), re.MULTILINE)
+    """Every method in the methods table of docs/protocol.md."""
+    text = PROTOCOL_DOC.read_text()
+    table = text[text.index("## Methods") :].split("\n### ", 1)[0]
+    methods = re.findall(r"^\| `([a-z_]+)` \|", table, re.MULTILINE)
     assert "auth" in methods and "shutdown" in methods, methods
     return methods
 

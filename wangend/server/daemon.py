@@ -45,13 +45,17 @@ import msgspec
 from .. import __version__
 from ..config import ServerConfig
 from ..logs import set_log_level
-from ..pipelines.inputs import TaskInputManager
-from ..pipelines.production import ProductionManager
-from ..pipelines.registry import ModelRegistry
-from ..pipelines.runtime import GenerationRuntime
-from ..protocol import ModelsResult, StatusResult
+from ..protocol import (
+    JobSpec,
+    LorasResult,
+    ModelsResult,
+    PresetsResult,
+    StatusResult,
+    ValidateResult,
+)
 from ..queue.controller import QueueController
 from ..queue.store import JobStore
+from .engine import Engine
 from .events import EventBus
 from .rpc import build_dispatcher
 from .statedir import (
@@ -74,7 +78,8 @@ log = logging.getLogger("wangend")
 SEQ_META_KEY = "event_seq_reserved"
 SEQ_BLOCK = 100_000
 STATUS_INTERVAL = 1.0  # seconds between STATUS= updates to systemd, at most one each
-RELOADABLE = frozenset({"log_level", "stop_grace"})  # keys SIGHUP applies at once
+# keys SIGHUP applies at once ([lora] folders and [enhancer] through the engine)
+RELOADABLE = frozenset({"log_level", "stop_grace", "lora", "enhancer"})
 
 
 class Daemon:
@@ -121,10 +126,7 @@ class Daemon:
         with database_errors(cfg.db_path):
             self.store = JobStore(cfg.db_path)
         quiet_library_progress_bars()
-        self.registry = ModelRegistry(cfg.models_path)
-        self.production = ProductionManager(self.registry, cfg.device, cfg.dtype)
-        self.runtime = GenerationRuntime(self.production, cfg.output_path)
-        self.inputs = TaskInputManager(self.registry, cfg.model, self.production.dtype_name)
+        self.engine = Engine(cfg)
         with database_errors(cfg.db_path):  # the first reads and the crash recovery
             self.bus = EventBus(
                 cfg.event_buffer,
@@ -133,8 +135,8 @@ class Daemon:
             )
             self.controller = QueueController(
                 self.store,
-                self.runtime,
-                self.inputs,
+                self.engine.router,
+                self.engine,
                 self.bus.publish,
                 max_attempts=cfg.max_attempts,
             )
@@ -290,6 +292,8 @@ class Daemon:
         applied = {k: fresh[k] for k in changed if k in RELOADABLE}
         if "log_level" in applied:
             set_log_level(applied["log_level"])
+        if {"lora", "enhancer"} & applied.keys() and hasattr(self, "engine"):
+            self.engine.reload(new)
         for key in changed:
             if key in applied:
                 log.info("config reloaded: %s = %r (applied)", key, fresh[key])
@@ -340,19 +344,26 @@ class Daemon:
             version=__version__,
             pid=os.getpid(),
             uptime=time.time() - self.started_at,
-            device=self.runtime.device,
+            device=self.engine.router.device,
             paused=paused,
             pause_mode=pause_mode,
-            model=self.runtime.loaded_model,
+            model=self.engine.router.loaded_model,
             queue=counts,
             running=running,
             last_seq=self.bus.last_seq,
         )
 
     def models(self) -> ModelsResult:
-        return ModelsResult(
-            models=self.registry.list(default=self.config.model, loaded=self.runtime.loaded_model)
-        )
+        return self.engine.models()
+
+    def validate(self, spec: JobSpec) -> ValidateResult:
+        return self.engine.validate(spec)
+
+    def loras(self, model: str | None, state: bool) -> LorasResult:
+        return self.engine.loras(model, state)
+
+    def presets(self) -> PresetsResult:
+        return self.engine.presets()
 
 
 class _ChangeFlag:

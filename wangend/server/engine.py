@@ -1,0 +1,194 @@
+"""Engine: everything that turns a job spec into output files, built from the config.
+
+The daemon owns one Engine. It builds, in this order: the model registry, the warm
+pipeline's manager (ProductionManager), the adapter libraries (LoRAs, presets) and the
+prompt enhancer, the media writer settings, the two runtimes (generation, matting) and
+their input resolvers, and the JobRouter that the queue controller sees as its one
+worker and one resolver. It also answers the read-only questions clients ask about the
+engine (`models`, `loras`, `presets`, `validate`).
+
+Threads: jobs run on the worker thread; `validate`, `loras` and `presets` run on a
+helper thread (they read files) and enqueue resolves on the event loop. The LoRA and
+preset libraries keep caches that are not thread-safe, so every use of them outside the
+worker goes through one lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from ..adapters.lora import LoRALibrary, size_hint
+from ..adapters.lora_injection import LoRAInjectionManager
+from ..adapters.presets import PresetLibrary
+from ..adapters.prompt_enhancer import PromptEnhancerBridge
+from ..adapters.requests import AdapterRequests
+from ..config import ServerConfig
+from ..matting.inputs import MattingInputs
+from ..matting.runtime import MattingRuntime
+from ..media.persistence import MediaPersistenceContext
+from ..pipelines.inputs import TaskInputManager
+from ..pipelines.production import ProductionManager
+from ..pipelines.registry import ModelRegistry
+from ..pipelines.runtime import GenerationRuntime
+from ..protocol import (
+    JobSpec,
+    LoraInfo,
+    LoraRef,
+    LorasResult,
+    ModelsResult,
+    PresetInfo,
+    PresetsResult,
+    ValidateResult,
+)
+from .workers import JobRouter
+
+__all__ = ["Engine", "lora_roots", "preset_roots"]
+
+
+def lora_roots(config: ServerConfig) -> list[Path]:
+    """`[lora] folders`, else `<state dir>/loras`."""
+    folders = config.lora.folders or [str(config.state_path / "loras")]
+    return [Path(f).expanduser().absolute() for f in folders]
+
+
+def preset_roots(config: ServerConfig) -> list[Path]:
+    """`[lora] presets`, else `<state dir>/presets`."""
+    folders = config.lora.presets or [str(config.state_path / "presets")]
+    return [Path(f).expanduser().absolute() for f in folders]
+
+
+class Engine:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.registry = ModelRegistry(config.models_path)
+        self.production = ProductionManager(
+            self.registry, config.device, config.dtype, keep_models_gb=config.engine.keep_models_gb
+        )
+        self._lock = threading.Lock()
+        self.lora_library = LoRALibrary(lora_roots(config))
+        self.preset_library = PresetLibrary(preset_roots(config))
+        self.lora_manager = LoRAInjectionManager(config.lora.cache_budget)
+        self.enhancer = PromptEnhancerBridge(config.enhancer, device=self.production.device)
+        self.media = MediaPersistenceContext.from_config(config.media)
+        self.generation = GenerationRuntime(
+            self.production,
+            config.output_path,
+            media=self.media,
+            loras=self.lora_manager,
+            enhancer=self.enhancer,
+        )
+        self.generation_inputs = TaskInputManager(
+            self.registry,
+            config.model,
+            self.production.dtype_name,
+            engine=config.engine,
+            metadata_default=config.media.metadata,
+            adapters=AdapterRequests(self.lora_library, self.preset_library, config.enhancer),
+        )
+        self.matting = MattingRuntime(
+            config.output_path, config.matanyone.weights, self.production.device, self.media
+        )
+        self.matting_inputs = MattingInputs(config.matanyone)
+        self.router = JobRouter(
+            self.generation, self.generation_inputs, self.matting, self.matting_inputs
+        )
+
+    # --- what the queue needs ---------------------------------------------------------
+
+    @property
+    def worker(self) -> JobRouter:
+        return self.router
+
+    def resolve(self, spec: JobSpec) -> Any:
+        with self._lock:
+            return self.router.resolve(spec)
+
+    # --- what clients ask -------------------------------------------------------------
+
+    def models(self) -> ModelsResult:
+        return ModelsResult(
+            models=self.registry.list(
+                default=self.config.model, loaded=self.production.loaded_model
+            )
+        )
+
+    def validate(self, spec: JobSpec) -> ValidateResult:
+        job = self.resolve(spec)
+        return ValidateResult(spec=job, plan=self.router.plan(job))
+
+    def loras(self, model: str | None, state: bool) -> LorasResult:
+        name = model or self.config.model
+        record = self.registry.resolve(name)  # ModelUnavailable names what was tried
+        size = size_hint(record.name)
+        with self._lock:
+            found = self.lora_library.list(record.family, size)
+            folders = [str(f) for f in self.lora_library.folders(record.family, size)]
+        return LorasResult(
+            family=record.family,
+            folders=folders,
+            loras=[
+                LoraInfo(
+                    name=info.name,
+                    path=str(info.path),
+                    size=info.size,
+                    format=str(info.format or ""),
+                    rank=info.rank,
+                    error=info.error,
+                )
+                for info in found
+            ],
+            state=self.lora_manager.snapshot_state() if state else None,
+        )
+
+    def presets(self) -> PresetsResult:
+        with self._lock:
+            infos = self.preset_library.list()
+            loaded = {}
+            for info in infos:
+                if info.error is None:
+                    try:
+                        loaded[info.name] = self.preset_library.load(info.name)
+                    except Exception:  # listed with its error below
+                        continue
+        presets = []
+        for info in infos:
+            preset = loaded.get(info.name)
+            presets.append(
+                PresetInfo(
+                    name=info.name,
+                    path=str(info.path),
+                    loras=list(preset.loras) if preset else [LoraRef(name=n) for n in info.loras],
+                    prompt=preset.prompt if preset else None,
+                    error=info.error,
+                )
+            )
+        return PresetsResult(folders=[str(r) for r in self.preset_library.roots], presets=presets)
+
+    def reload(self, config: ServerConfig) -> list[str]:
+        """Apply what can change while running (LoRA and preset folders, the enhancer);
+        returns what was applied. The warm model and the queue are untouched."""
+        applied = []
+        with self._lock:
+            if config.lora != self.config.lora:
+                self.lora_library = LoRALibrary(lora_roots(config))
+                self.preset_library = PresetLibrary(preset_roots(config))
+                self.generation_inputs.adapters = AdapterRequests(
+                    self.lora_library, self.preset_library, config.enhancer
+                )
+                applied.append("lora")
+            if config.enhancer != self.config.enhancer:
+                self.enhancer.reset()
+                self.enhancer = PromptEnhancerBridge(config.enhancer, device=self.production.device)
+                self.generation.enhancer = self.enhancer
+                self.generation_inputs.adapters = AdapterRequests(
+                    self.lora_library, self.preset_library, config.enhancer
+                )
+                applied.append("enhancer")
+        self.config = msgspec.structs.replace(
+            self.config, lora=config.lora, enhancer=config.enhancer
+        )
+        return applied
