@@ -56,6 +56,9 @@ class FakeController:
     def _note(self, name: str, *args: Any) -> None:
         self.calls.append((name, args))
 
+    async def enqueue_async(self, spec: Any) -> EnqueueResult:
+        return self.enqueue(spec)
+
     def enqueue(self, spec: Any) -> EnqueueResult:
         self._note("enqueue", spec)
         return EnqueueResult(job=1, state="queued", position=0, spec=SPEC)

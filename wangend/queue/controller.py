@@ -253,8 +253,22 @@ class QueueController:
         ModelUnavailable) before anything is stored."""
         if self._stopping:
             raise ShuttingDown("the daemon is shutting down and takes no new jobs")
-        resolved = self.inputs.resolve(spec)
-        return self._add(resolved, spec.priority, None)
+        return self.add(self.inputs.resolve(spec), spec.priority)
+
+    async def enqueue_async(self, spec: JobSpec) -> EnqueueResult:
+        """`enqueue` with the resolving on a helper thread: it reads and hashes media
+        files and LoRA headers, which must not stall every other client on the loop.
+        (The worker thread is not used: a long job must not delay an enqueue.)"""
+        if self._stopping:
+            raise ShuttingDown("the daemon is shutting down and takes no new jobs")
+        resolved = await anyio.to_thread.run_sync(self.inputs.resolve, spec)
+        if self._stopping:  # the daemon began stopping while the spec was checked
+            raise ShuttingDown("the daemon is shutting down and takes no new jobs")
+        return self.add(resolved, spec.priority)
+
+    def add(self, spec: ResolvedJob, priority: int = 0) -> EnqueueResult:
+        """Queue an already resolved spec (loop thread)."""
+        return self._add(spec, priority, None)
 
     def _add(self, spec: ResolvedJob, priority: int, retry_of: int | None) -> EnqueueResult:
         record = self.store.insert(spec, priority, retry_of)

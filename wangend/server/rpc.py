@@ -87,7 +87,7 @@ def build_methods(services: Services) -> list[Method]:
 
     async def enqueue(session: Session, spec: JobSpec) -> EnqueueResult:
         ensure_accepting()
-        return services.controller.enqueue(spec)
+        return await services.controller.enqueue_async(spec)
 
     async def status(session: Session, p: StatusParams) -> StatusResult | JobRecord:
         return services.status() if p.job is None else services.controller.job(p.job)
