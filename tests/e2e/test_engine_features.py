@@ -113,9 +113,7 @@ def test_a_corrupt_lora_is_refused_and_one_spoiled_later_fails_only_its_job(
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with daemon.unix() as client:
-        reply = client.call(
-            "enqueue", {"prompt": "p", "loras": [{"name": "broken"}], **SMALL}
-        )
+        reply = client.call("enqueue", {"prompt": "p", "loras": [{"name": "broken"}], **SMALL})
     assert reply["error"]["code"] == -32602
     assert reply["error"]["data"]["field"] == "$.params.loras[0]"
 

@@ -102,9 +102,7 @@ class JobRouter:
             plan["loras"] = [f"{lora.name}:{lora.multiplier}" for lora in job.loras]
         return plan
 
-    def run(
-        self, job_id: int, job: ResolvedJob, control: JobControl, hooks: RunHooks
-    ) -> list[str]:
+    def run(self, job_id: int, job: ResolvedJob, control: JobControl, hooks: RunHooks) -> list[str]:
         if isinstance(job, ResolvedMatAnyOne):
             return self.matting.run(job_id, job, control, hooks)
         if isinstance(job, ResolvedGenerate):
