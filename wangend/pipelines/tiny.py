@@ -159,163 +159,132 @@ def _scheduler():
     )
 
 
-def build_tiny_pipeline(seed: int = TINY_SEED):
-    """Build the tiny Wan 2.1 T2V `WanPipeline` in memory. Deterministic for a seed."""
+def _seeded(seed: int, *modules: Callable[[], Any], wide_vae: bool = False) -> dict[str, Any]:
+    """The parts every tiny pipeline shares, then `modules()` each, built in one fixed
+    order from `seed` (the order is what fixes the weights: tokenizer, text encoder,
+    VAE, then the transformers and encoders the family adds)."""
     import torch
-    from diffusers import WanPipeline
 
     tokenizer = build_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         text_encoder = _text_encoder(len(tokenizer))
-        vae = _vae()
-        transformer = _transformer()
-    return WanPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        transformer=transformer,
-        scheduler=_scheduler(),
+        vae = _vae(wide=True) if wide_vae else _vae()
+        built = [make() for make in modules]
+    parts = {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae}
+    return {**parts, "scheduler": _scheduler(), "built": built}
+
+
+def _assemble(cls: Any, parts: dict[str, Any], **components: Any) -> Any:
+    shared = {k: v for k, v in parts.items() if k != "built"}
+    return cls(**shared, **components)
+
+
+def build_tiny_pipeline(seed: int = TINY_SEED):
+    """Build the tiny Wan 2.1 T2V `WanPipeline` in memory. Deterministic for a seed."""
+    from diffusers import WanPipeline
+
+    parts = _seeded(seed, _transformer)
+    return _assemble(WanPipeline, parts, transformer=parts["built"][0])
+
+
+def _tiny_clip() -> Any:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(
+        hidden_size=CLIP_DIM,
+        projection_dim=CLIP_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=16,
+        image_size=32,
+        patch_size=8,
     )
+    return CLIPVisionModel(config).eval()
 
 
 def _build_i2v(seed: int):
     """Wan 2.1 I2V: 36 input channels (16 noise + 4 mask + 16 image latents) and CLIP
     image embeddings fed to the cross-attention through `added_kv_proj_dim`."""
-    import torch
     from diffusers import WanImageToVideoPipeline
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    from transformers import CLIPImageProcessor
 
-    tokenizer = build_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        text_encoder = _text_encoder(len(tokenizer))
-        vae = _vae()
-        transformer = _transformer(in_channels=36, image_dim=CLIP_DIM, added_kv_proj_dim=24)
-        image_encoder = CLIPVisionModel(
-            CLIPVisionConfig(
-                hidden_size=CLIP_DIM,
-                projection_dim=CLIP_DIM,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=16,
-                image_size=32,
-                patch_size=8,
-            )
-        ).eval()
-    processor = CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32})
-    return WanImageToVideoPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        scheduler=_scheduler(),
-        image_processor=processor,
+    parts = _seeded(
+        seed,
+        lambda: _transformer(in_channels=36, image_dim=CLIP_DIM, added_kv_proj_dim=24),
+        _tiny_clip,
+    )
+    transformer, image_encoder = parts["built"]
+    return _assemble(
+        WanImageToVideoPipeline,
+        parts,
+        image_processor=CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32}),
         image_encoder=image_encoder,
         transformer=transformer,
     )
 
 
+def _tiny_vace_transformer() -> Any:
+    from diffusers import WanVACETransformer3DModel
+
+    return WanVACETransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=TEXT_DIM,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+        vace_layers=[0],
+        vace_in_channels=96,
+    ).eval()
+
+
 def _build_vace(seed: int):
     """Wan 2.1 VACE: a VACE branch at block 0 reading 96 channels (16 inactive + 16
     reactive video latents + 64 = 8x8 unfolded mask)."""
-    import torch
-    from diffusers import WanVACEPipeline, WanVACETransformer3DModel
+    from diffusers import WanVACEPipeline
 
-    tokenizer = build_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        text_encoder = _text_encoder(len(tokenizer))
-        vae = _vae()
-        transformer = WanVACETransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=2,
-            attention_head_dim=12,
-            in_channels=16,
-            out_channels=16,
-            text_dim=TEXT_DIM,
-            freq_dim=256,
-            ffn_dim=32,
-            num_layers=2,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            rope_max_seq_len=32,
-            vace_layers=[0],
-            vace_in_channels=96,
-        ).eval()
-    return WanVACEPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        scheduler=_scheduler(),
-        transformer=transformer,
-    )
+    parts = _seeded(seed, _tiny_vace_transformer)
+    return _assemble(WanVACEPipeline, parts, transformer=parts["built"][0])
 
 
 def _build_wan22(seed: int):
     """Wan 2.2 A14B T2V: a high-noise expert (`transformer`) and a low-noise one
     (`transformer_2`), switched at boundary_ratio * 1000 timesteps."""
-    import torch
     from diffusers import WanPipeline
 
-    tokenizer = build_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        text_encoder = _text_encoder(len(tokenizer))
-        vae = _vae()
-        high, low = _transformer(), _transformer()
-    return WanPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        scheduler=_scheduler(),
-        transformer=high,
-        transformer_2=low,
-        boundary_ratio=0.875,
-    )
+    parts = _seeded(seed, _transformer, _transformer)
+    high, low = parts["built"]
+    return _assemble(WanPipeline, parts, transformer=high, transformer_2=low, boundary_ratio=0.875)
 
 
 def _build_wan22_i2v(seed: int):
     """Wan 2.2 A14B I2V: two experts with 36 input channels and no image encoder."""
-    import torch
     from diffusers import WanImageToVideoPipeline
 
-    tokenizer = build_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        text_encoder = _text_encoder(len(tokenizer))
-        vae = _vae()
-        high, low = _transformer(in_channels=36), _transformer(in_channels=36)
-    return WanImageToVideoPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        scheduler=_scheduler(),
-        transformer=high,
-        transformer_2=low,
-        boundary_ratio=0.9,
+    def expert() -> Any:
+        return _transformer(in_channels=36)
+
+    parts = _seeded(seed, expert, expert)
+    high, low = parts["built"]
+    return _assemble(
+        WanImageToVideoPipeline, parts, transformer=high, transformer_2=low, boundary_ratio=0.9
     )
 
 
 def _build_ti2v(seed: int):
     """Wan 2.2 TI2V 5B: the 48-channel VAE and per-token timesteps (`expand_timesteps`),
     which is how the same weights also take a start image."""
-    import torch
     from diffusers import WanPipeline
 
-    tokenizer = build_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        text_encoder = _text_encoder(len(tokenizer))
-        vae = _vae(wide=True)
-        transformer = _transformer(in_channels=48, out_channels=48)
-    return WanPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        scheduler=_scheduler(),
-        transformer=transformer,
-        expand_timesteps=True,
-    )
+    parts = _seeded(seed, lambda: _transformer(in_channels=48, out_channels=48), wide_vae=True)
+    return _assemble(WanPipeline, parts, transformer=parts["built"][0], expand_timesteps=True)
 
 
 BUILDERS: dict[str, Callable[[int], Any]] = {
