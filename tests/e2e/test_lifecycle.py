@@ -61,7 +61,7 @@ def test_stop_grace_second_signal_and_restart(tmp_path: Path) -> None:
     finally:
         daemon.stop()
     row = stored(daemon, first)
-    assert row["state"] == "queued" and row["error"] is None and row["attempts"] == 1, row
+    assert row["state"] == "queued" and row["error"] is None and row["attempts"] == 0, row
     assert stored(daemon, second)["state"] == "queued"
     assert "has 0.2 s to finish" in daemon.log()
 
@@ -103,6 +103,6 @@ def test_stop_grace_second_signal_and_restart(tmp_path: Path) -> None:
         daemon.stop()
     row = stored(daemon, second)
     assert row["state"] == "succeeded" and row["error"] is None
-    assert row["attempts"] == 2  # each start counts a run; no stop fails the job
+    assert row["attempts"] == 1  # the stop gave its attempt back
     assert Path(json.loads(row["outputs"])[0]).is_file()
     assert stored(daemon, first)["state"] == "queued"  # never started again: stopping

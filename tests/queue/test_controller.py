@@ -410,7 +410,7 @@ async def test_graceful_stop_puts_the_running_job_back_and_a_restart_runs_it(
         await stopped.wait()
         # run() returns on its own once stopped: the task group closes without a cancel.
     record = store.get(job)
-    assert record.state == "queued" and record.attempts == 1 and record.error is None
+    assert record.state == "queued" and record.attempts == 0 and record.error is None
     assert "job.aborted" not in recorder.types(job)
     assert recorder.of(job)[-1].data["requeued"] == "stopped"
     assert store.get(waiting).state == "queued" and store.queue_order() == [job, waiting]
@@ -418,13 +418,13 @@ async def test_graceful_stop_puts_the_running_job_back_and_a_restart_runs_it(
         controller.enqueue(spec())
     store.close()
 
-    # The next start: the same job, at its old place, on its second attempt.
+    # The next start: the same job, at its old place; the stop did not spend an attempt.
     with JobStore(db_path) as reopened:
         again = QueueController(reopened, runtime, inputs, recorder)
         async with serving(again):
             await recorder.wait_for(ended(waiting))
         record = reopened.get(job)
-        assert record.state == "succeeded" and record.attempts == 2
+        assert record.state == "succeeded" and record.attempts == 1
         assert recorder.started_order() == [job, job, waiting]
 
 
@@ -446,7 +446,7 @@ async def test_stop_finish_lets_the_job_end_and_graceful_requeues_a_held_one(
         await tg.start(runner.run)
         recorder.when(on("job.progress", held, 1), lambda e: tg.start_soon(runner.stop, "finish"))
         await recorder.wait_for(ended(held))
-    assert store.get(held).state == "succeeded" and store.get(held).attempts == 2
+    assert store.get(held).state == "succeeded" and store.get(held).attempts == 1
 
 
 async def test_a_restart_recovers_interrupted_jobs_and_keeps_the_queue_paused(

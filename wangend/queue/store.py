@@ -92,11 +92,15 @@ SELECT_INTERRUPTED = (
 )
 # The one guarded transition. Old column values are read on the right-hand side, so the
 # start of a run (queued -> running) counts an attempt and stamps started_at, and entering
-# a final state stamps finished_at, whoever calls.
+# a final state stamps finished_at, whoever calls. A live job put back in the queue (a
+# graceful stop) gets its attempt back: attempts count runs that ended badly or were cut
+# off by a crash, and a stop is neither. (Crash recovery requeues with REQUEUE_JOB, which
+# keeps the count.)
 TRANSITION = """
 UPDATE jobs SET
     state       = :to,
-    attempts    = attempts + (state = 'queued' AND :to = 'running'),
+    attempts    = attempts + (state = 'queued' AND :to = 'running')
+                           - (state IN ('running', 'paused') AND :to = 'queued'),
     started_at  = CASE WHEN state = 'queued' AND :to = 'running' THEN :now ELSE started_at END,
     finished_at = CASE WHEN :to IN ('succeeded', 'failed', 'aborted') THEN :now
                        ELSE finished_at END,
