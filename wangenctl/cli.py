@@ -188,6 +188,7 @@ async def _follow(
     *,
     abort_on_interrupt: bool,
     seed: Any = None,
+    on_event: Callable[[Event], None] | None = None,
 ) -> int:
     """Show one job's events until it ends; 0 if it succeeded, 1 if not, 130 on Ctrl-C.
 
@@ -207,6 +208,8 @@ async def _follow(
         def handle(event: Event) -> bool:
             if not story.wants(event):
                 return False
+            if on_event is not None:
+                on_event(event)
             view.event(event)
             if event.job == job and event.type in TERMINAL_EVENTS:
                 ending.append(event)
@@ -238,6 +241,7 @@ async def _enqueue_and_follow(
     enqueue: Callable[[], Awaitable[Any]],
     follow: bool,
     detach: bool,
+    on_event: Callable[[Event], None] | None = None,
 ) -> int:
     """Enqueue (submit or retry) and, with --follow, subscribe first so nothing is missed."""
     if not follow:
@@ -247,7 +251,13 @@ async def _enqueue_and_follow(
     result = await enqueue()
     out.enqueued(result)
     return await _follow(
-        client, out, opts, result.job, subscribed.last_seq, abort_on_interrupt=not detach
+        client,
+        out,
+        opts,
+        result.job,
+        subscribed.last_seq,
+        abort_on_interrupt=not detach,
+        on_event=on_event,
     )
 
 
@@ -260,52 +270,9 @@ DetachOpt = Annotated[
 ]
 
 
-@app.command()
-def submit(
-    ctx: typer.Context,
-    prompt: Annotated[str, typer.Argument(help="what the video shows")],
-    model: Annotated[str | None, typer.Option(help="registry name, hub id or folder")] = None,
-    negative: Annotated[str | None, typer.Option(help="negative prompt")] = None,
-    width: Annotated[int | None, typer.Option(help="pixels, a multiple of 16")] = None,
-    height: Annotated[int | None, typer.Option(help="pixels, a multiple of 16")] = None,
-    frames: Annotated[int | None, typer.Option(help="frame count, 4k+1")] = None,
-    steps: Annotated[int | None, typer.Option(help="denoising steps")] = None,
-    guidance: Annotated[float | None, typer.Option(help="guidance scale")] = None,
-    seed: Annotated[int | None, typer.Option(help="random when left out; recorded")] = None,
-    fps: Annotated[int | None, typer.Option(help="frames per second of the file")] = None,
-    flow_shift: Annotated[float | None, typer.Option(help="scheduler flow shift")] = None,
-    output_name: Annotated[
-        str | None, typer.Option(help="file name template: {job} {seed} {model} {date} ...")
-    ] = None,
-    priority: Annotated[int | None, typer.Option(help="-1000..1000, higher runs first")] = None,
-    follow: FollowOpt = False,
-    detach: DetachOpt = False,
-) -> None:
-    """Queue a generation and print its job id (with --follow: progress, then the paths).
-
-    Ctrl-C while following aborts the job, unless --detach.
-    """
-    fields = {
-        "prompt": prompt,
-        "model": model,
-        "negative_prompt": negative,
-        "width": width,
-        "height": height,
-        "frames": frames,
-        "steps": steps,
-        "guidance_scale": guidance,
-        "seed": seed,
-        "fps": fps,
-        "flow_shift": flow_shift,
-        "output_name": output_name,
-        "priority": priority,
-    }
-    spec = {k: v for k, v in fields.items() if v is not None}
-    opts: Options = ctx.obj
-    _run(
-        ctx,
-        lambda c, out: _enqueue_and_follow(c, out, opts, lambda: c.enqueue(spec), follow, detach),
-    )
+# `submit`, `matanyone`, `inspect`, `loras` and `presets` live in jobs_cli.py; importing it
+# here registers them on `app` in this place of the help's command list.
+from . import jobs_cli  # noqa: E402, F401
 
 
 @app.command()
@@ -569,4 +536,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run as `python -m wangenctl.cli`: this copy of the module is `__main__`, but the
+    # command modules register on `wangenctl.cli.app`, so run that one.
+    from wangenctl.cli import main as package_main
+
+    package_main()

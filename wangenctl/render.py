@@ -22,6 +22,7 @@ from __future__ import annotations
 import sys
 import time
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
@@ -32,10 +33,15 @@ from wangend.protocol import (
     EnqueueResult,
     Event,
     JobRecord,
+    LorasResult,
     ModelInfo,
     MoveResult,
+    PresetsResult,
     QueueStateResult,
+    ResolvedJob,
+    ResolvedMatAnyOne,
     StatusResult,
+    ValidateResult,
 )
 
 if TYPE_CHECKING:
@@ -113,6 +119,10 @@ class Renderer(Protocol):
     def notice(self, text: str) -> None: ...
     def error(self, text: str) -> None: ...
     def events(self, job: int | None) -> EventView: ...
+    def validated(self, result: ValidateResult) -> None: ...
+    def loras(self, result: LorasResult) -> None: ...
+    def presets(self, result: PresetsResult) -> None: ...
+    def settings(self, path: str, document: dict[str, Any]) -> None: ...
 
 
 def make_renderer(json_mode: bool) -> Renderer:
@@ -178,6 +188,18 @@ class JsonRenderer:
 
     def events(self, job: int | None) -> EventView:
         return _JsonEvents(self)
+
+    def validated(self, result: ValidateResult) -> None:
+        self.emit(result)
+
+    def loras(self, result: LorasResult) -> None:
+        self.emit(result)
+
+    def presets(self, result: PresetsResult) -> None:
+        self.emit(result)
+
+    def settings(self, path: str, document: dict[str, Any]) -> None:
+        self.emit({"path": path, **document})
 
 
 class _JsonEvents:
@@ -266,26 +288,9 @@ class HumanRenderer:
         self._grid(rows)
 
     def job(self, record: JobRecord) -> None:
-        spec = record.spec
         progress = record.progress
-        rows = [
-            ("job", str(record.id)),
-            ("state", record.state),
-            ("model", spec.model),
-            ("prompt", spec.prompt),
-        ]
-        if spec.negative_prompt:
-            rows.append(("negative", spec.negative_prompt))
-        rows += [
-            ("video", f"{spec.width}x{spec.height}, {spec.frames} frames at {spec.fps} fps"),
-            (
-                "sampling",
-                f"{spec.steps} steps, guidance {spec.guidance_scale:g}, "
-                f"flow shift {spec.flow_shift:g}, seed {spec.seed}",
-            ),
-            ("priority", str(record.priority)),
-            ("attempts", str(record.attempts)),
-        ]
+        rows = [("job", str(record.id)), ("state", record.state), *_spec_rows(record.spec)]
+        rows += [("priority", str(record.priority)), ("attempts", str(record.attempts))]
         if progress is not None and record.state not in TERMINAL_STATES:
             rows.append(
                 (
@@ -327,7 +332,7 @@ class HumanRenderer:
                 r.spec.model,
                 progress,
                 _when(r.created_at),
-                _clip(r.spec.prompt, 40),
+                _clip(_subject(r.spec), 40),
                 result,
             )
         self.out.print(table)
@@ -344,6 +349,73 @@ class HumanRenderer:
                 flags.append("default")
             table.add_row(m.name, m.family, ", ".join(flags), m.description or m.source)
         self.out.print(table)
+
+    def validated(self, result: ValidateResult) -> None:
+        """A dry run: what would be queued, then the plan."""
+        import msgspec
+
+        self.line("valid: nothing was queued")
+        self._pairs(msgspec.to_builtins(result.spec))
+        if result.plan:
+            self.line("plan:")
+            self._pairs(result.plan, indent="  ")
+
+    def loras(self, result: LorasResult) -> None:
+        from rich.table import Table
+
+        self.line(f"LoRAs for {result.family} in {', '.join(result.folders) or '(no folders)'}")
+        if not result.loras:
+            self.line("(none)")
+        else:
+            table = Table(box=None, header_style="bold", pad_edge=False)
+            for name in ("NAME", "FORMAT", "RANK", "SIZE", "PROBLEM"):
+                table.add_column(name, overflow="fold")
+            for lora in result.loras:
+                rank = "" if lora.rank is None else str(lora.rank)
+                table.add_row(
+                    lora.name, lora.format, rank, _format_bytes(lora.size), lora.error or ""
+                )
+            self.out.print(table)
+        if result.state is not None:
+            self.line("loaded in the warm pipeline:")
+            self._pairs(result.state, indent="  ")
+
+    def presets(self, result: PresetsResult) -> None:
+        from rich.table import Table
+
+        self.line(f"presets in {', '.join(result.folders) or '(no folders)'}")
+        if not result.presets:
+            self.line("(none)")
+            return
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for name in ("NAME", "LORAS", "PROMPT", "PROBLEM"):
+            table.add_column(name, overflow="fold")
+        for preset in result.presets:
+            loras = " ".join(f"{r.name}:{r.multiplier}" for r in preset.loras)
+            table.add_row(preset.name, loras, _clip(preset.prompt or "", 40), preset.error or "")
+        self.out.print(table)
+
+    def settings(self, path: str, document: dict[str, Any]) -> None:
+        settings = document.get("settings") or {}
+        made = document.get("created_at", "?")
+        self.line(f"{path}: made by wangend {document.get('wangend', '?')} at {made}")
+        if document.get("job") is not None:
+            self.line(f"job {document['job']} on {document.get('device', '?')}")
+        self._pairs(settings)
+        if document.get("frames_sha256"):
+            self.line(f"frames_sha256  {document['frames_sha256']}")
+
+    def _pairs(self, values: dict[str, Any], indent: str = "") -> None:
+        """key  value lines, empty values left out, nested values as compact JSON."""
+        import json
+
+        shown = {k: v for k, v in values.items() if v not in (None, [], {}, "")}
+        if not shown:
+            return
+        width = max(len(k) for k in shown)
+        for key, value in shown.items():
+            text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+            self.line(f"{indent}{key:<{width}}  {text}")
 
     def queue_state(self, result: QueueStateResult) -> None:
         if not result.paused:
@@ -400,6 +472,49 @@ class HumanRenderer:
         width = max(len(key) for key, _ in rows)
         for key, value in rows:
             self.line(f"{key:<{width}}  {value}")
+
+
+def _subject(spec: ResolvedJob) -> str:
+    """What a listing shows of a job: the prompt, or what a matting job cuts out."""
+    if isinstance(spec, ResolvedMatAnyOne):
+        return f"matte {Path(spec.input).name} ({spec.mask_type})"
+    return spec.prompt
+
+
+def _spec_rows(spec: ResolvedJob) -> list[tuple[str, str]]:
+    if isinstance(spec, ResolvedMatAnyOne):
+        frames = f"frames {spec.start_frame}..{spec.end_frame} of {spec.width}x{spec.height}"
+        return [
+            ("kind", "matanyone"),
+            ("weights", spec.model),
+            ("input", spec.input),
+            ("mask", spec.mask),
+            ("matte", f"{spec.mask_type}, {frames} at {spec.fps:g} fps"),
+        ]
+    rows = [("model", spec.model), ("prompt", spec.prompt)]
+    if spec.original_prompt:
+        rows.append(("asked", spec.original_prompt))
+    if spec.negative_prompt:
+        rows.append(("negative", spec.negative_prompt))
+    rows += [
+        ("video", f"{spec.width}x{spec.height}, {spec.frames} frames at {spec.fps} fps"),
+        (
+            "sampling",
+            f"{spec.steps} steps, guidance {spec.guidance_scale:g}, "
+            f"flow shift {spec.flow_shift:g}, seed {spec.seed}",
+        ),
+    ]
+    inputs = [
+        f"{name} {value}"
+        for name in ("image", "last_image", "video", "mask", "audio")
+        if (value := getattr(spec, name))
+    ]
+    inputs += [f"reference {path}" for path in spec.reference_images]
+    if inputs:
+        rows.append(("inputs", "; ".join(inputs)))
+    if spec.loras:
+        rows.append(("loras", " ".join(f"{x.name}:{x.multiplier}" for x in spec.loras)))
+    return rows
 
 
 def _clip(text: str, width: int) -> str:
@@ -547,6 +662,15 @@ class _HumanEvents:
                 self._say(f"job {job} {state}{after}" + (f": {detail}" if detail else ""))
         elif kind == "job.moved":
             self._say(f"job {job} moved to position {d.get('position')}")
+        elif kind == "job.updated":
+            enhancer = (d.get("spec") or {}).get("enhancer") or {}
+            if enhancer.get("ok"):
+                prompt = _clip(str(d["spec"].get("prompt", "")), 70)
+                self._say(f"job {job}: prompt enhanced ({enhancer.get('provider')}): {prompt}")
+            elif enhancer:
+                self._say(f"job {job}: prompt not enhanced: {enhancer.get('reason', '?')}")
+            else:
+                self._say(f"job {job} updated")
         elif kind == "queue.paused":
             self._say(
                 "queue paused"

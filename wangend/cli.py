@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -232,6 +233,42 @@ def install_units(
         ctl = "systemctl --user" if user else "systemctl"
         enable = "wangend" if user else "wangend.socket wangend.service"
         typer.echo(f"next: {ctl} daemon-reload && {ctl} enable --now {enable}")
+
+
+@app.command()
+def history(
+    config: ConfigOpt = None,
+    state_dir: StateOpt = None,
+    since: Annotated[
+        float | None, typer.Option(help="only jobs finished after this Unix time")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="write here instead of stdout")
+    ] = None,
+) -> None:
+    """Export the run history as JSONL: one line per finished job with its outputs.
+
+    Reads the queue database directly (read-only), so it works while the daemon runs and
+    when it does not.
+    """
+    import sqlite3
+
+    from .queue.history import export_history
+
+    cfg = _load(config, _overrides(state_dir=state_dir))
+    try:
+        if output is None:
+            count = export_history(cfg.db_path, sys.stdout, since)
+        else:
+            with open(output, "w", encoding="utf-8") as out:
+                count = export_history(cfg.db_path, out, since)
+    except FileNotFoundError:
+        typer.echo(f"wangend: no queue database at {cfg.db_path}", err=True)
+        raise typer.Exit(2) from None
+    except sqlite3.DatabaseError as exc:
+        typer.echo(f"wangend: cannot read {cfg.db_path}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{count} jobs exported", err=True)
 
 
 @app.command()
