@@ -124,9 +124,10 @@ def test_from_an_output_gives_the_same_frames_and_inspect_shows_its_settings(
     assert again != first and record["spec"]["seed"] == 77
     frames_a, info_a = decode_frames(first)
     frames_b, info_b = decode_frames(again)
-    assert json.loads(info_a["comment"])["frames_sha256"] == json.loads(info_b["comment"])[
-        "frames_sha256"
-    ]
+    assert (
+        json.loads(info_a["comment"])["frames_sha256"]
+        == json.loads(info_b["comment"])["frames_sha256"]
+    )
     assert frames_a.shape == frames_b.shape
 
     _, changed = submitted(daemon, "--from", first, "--seed", "78")
