@@ -131,6 +131,9 @@ class ServerConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True
     subscriber_buffer: Annotated[int, Meta(ge=16)] = 4_096  # events queued per connection
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     no_socket: bool = False  # disable the Unix socket listener
+    # Folders job inputs (images, videos, masks, audio) must lie in; empty: any file the
+    # daemon can read (see media/access.py).
+    input_folders: list[str] = msgspec.field(default_factory=list)
     # seconds a running job may take to finish on SIGTERM / `shutdown` before it is
     # put back in the queue; 0 requeues it at once. Keep below systemd's TimeoutStopSec.
     stop_grace: Annotated[float, Meta(ge=0.0, le=86_400.0)] = 0.0

@@ -49,8 +49,8 @@ def test_frame_range_and_max_size_show_in_the_plan(media: dict[str, Path]) -> No
 @pytest.mark.parametrize(
     ("fields", "field", "words"),
     [
-        ({"input": "/nonexistent/clip.mp4"}, "$.params.input", "not found"),
-        ({"mask": "/nonexistent/mask.png"}, "$.params.mask", "not found"),
+        ({"input": "/nonexistent/clip.mp4"}, "$.params.input", "does not exist"),
+        ({"mask": "/nonexistent/mask.png"}, "$.params.mask", "does not exist"),
         ({"mask": "empty_mask"}, "$.params.mask", "empty"),
         ({"start_frame": 3, "end_frame": 3}, "$.params.end_frame", "greater than"),
         ({"start_frame": FRAMES}, "$.params.start_frame", "past"),

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -110,3 +112,49 @@ def test_a_prompt_full_of_slashes_stays_in_the_output_dir(daemon: DaemonProcess)
         assert out.parent == daemon.output_dir.resolve(), out
     else:  # refusing such a name is also fine; escaping is not
         assert record["state"] == "failed", record
+
+
+def test_input_folders_confine_what_a_job_may_make_the_daemon_read(tmp_path: Path) -> None:
+    """With `input_folders`, every input path must resolve inside them: files elsewhere,
+    `..` and symlinks that lead out are refused naming the field; files inside pass."""
+    allowed, outside = tmp_path / "inputs", tmp_path / "private"
+    allowed.mkdir()
+    outside.mkdir()
+    from PIL import Image
+
+    for folder in (allowed, outside):
+        Image.new("RGB", (32, 32), (200, 40, 40)).save(folder / "start.png")
+    (allowed / "link.png").symlink_to(outside / "start.png")
+    config = tmp_path / "config.toml"
+    config.write_text(f'input_folders = ["{allowed}"]\n')
+    root = Path(tempfile.mkdtemp(prefix="wsec", dir="/tmp"))  # a short Unix socket path
+    daemon = DaemonProcess(root, "--config", str(config)).start()
+    try:
+        with daemon.unix() as client:
+
+            def check(path: Path, **extra: object) -> dict:
+                spec = {"prompt": "p", "model": "tiny-i2v", "image": str(path), **extra}
+                return client.call("validate", spec)
+
+            assert check(allowed / "start.png")["result"]["spec"]["image"] == str(
+                allowed / "start.png"
+            )
+            for path in (
+                outside / "start.png",
+                allowed / ".." / "private" / "start.png",
+                allowed / "link.png",
+                Path("/etc/passwd"),
+            ):
+                error = check(path)["error"]
+                assert error["code"] == -32602 and error["data"]["field"] == "$.params.image"
+                assert str(allowed) in error["message"]
+            audio = client.call("validate", {"prompt": "p", "audio": "/etc/hostname"})
+            assert audio["error"]["data"]["field"] == "$.params.audio"
+            matting = client.call(
+                "validate",
+                {"kind": "matanyone", "input": str(outside / "start.png"), "mask": "/x.png"},
+            )
+            assert matting["error"]["data"]["field"] == "$.params.input"
+    finally:
+        daemon.stop()
+        shutil.rmtree(root, ignore_errors=True)

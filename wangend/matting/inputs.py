@@ -20,6 +20,7 @@ import numpy as np
 
 from ..config import MatAnyOneConfig
 from ..errors import InvalidParams
+from ..media.access import InputAccess
 from ..media.naming import check_output_name
 from ..protocol import MatAnyOneSpec, ResolvedMatAnyOne
 
@@ -107,12 +108,13 @@ def _existing_file(value: str, field: str, what: str) -> Path:
 class MattingInputs:
     """Resolves matting specs against the `[matanyone]` config (the default weights)."""
 
-    def __init__(self, config: MatAnyOneConfig) -> None:
+    def __init__(self, config: MatAnyOneConfig, access: InputAccess | None = None) -> None:
         self.config = config
+        self.access = access or InputAccess()
 
     def resolve(self, spec: MatAnyOneSpec) -> ResolvedMatAnyOne:
-        source = _existing_file(spec.input, "$.params.input", "input")
-        mask_path = _existing_file(spec.mask, "$.params.mask", "mask")
+        source = self.access.check(spec.input, "$.params.input", "input").resolve()
+        mask_path = self.access.check(spec.mask, "$.params.mask", "mask").resolve()
         try:
             frames, width, height, fps = probe_media(source)
         except Exception as exc:

@@ -23,11 +23,11 @@ and no template can name a path outside the output folder.
 from __future__ import annotations
 
 import secrets
-from pathlib import Path
 
 from ..adapters.requests import AdapterChoice, AdapterRequests
 from ..config import EngineConfig
 from ..errors import InvalidParams
+from ..media.access import InputAccess
 from ..media.naming import (
     DEFAULT_OUTPUT_NAME,
     OUTPUT_NAME_FIELDS,
@@ -72,6 +72,7 @@ class TaskInputManager:
         engine: EngineConfig | None = None,
         metadata_default: str = "embedded",
         adapters: AdapterRequests | None = None,
+        access: InputAccess | None = None,
     ) -> None:
         self.registry = registry
         self.default_model = default_model
@@ -79,6 +80,7 @@ class TaskInputManager:
         self.engine = engine or EngineConfig()
         self.metadata_default = metadata_default
         self.adapters = adapters
+        self.access = access or InputAccess()
 
     def resolve(self, spec: GenerateSpec) -> ResolvedGenerate:
         record = self.registry.resolve(spec.model or self.default_model)
@@ -118,12 +120,7 @@ class TaskInputManager:
         check_output_name(output_name)
         audio = None
         if spec.audio is not None:
-            path = _absolute(spec.audio)
-            if not path.is_file():
-                raise InvalidParams(
-                    f"audio file {path} does not exist or is not a file", field="$.params.audio"
-                )
-            audio = str(path)
+            audio = str(self.access.check(spec.audio, "$.params.audio", "audio"))
         e = self.engine
         choice = self.resolve_adapters(spec, record)
         return ResolvedGenerate(
@@ -226,7 +223,7 @@ class TaskInputManager:
             for i, p in enumerate(spec.reference_images or [])
         ]
         for key, field, raw in items:
-            path = _absolute(raw)
+            path = self.access.check(raw, f"$.params.{key}", key)
             try:
                 info = probe(path, allow=MEDIA_KINDS[field])
             except MediaError as exc:
@@ -242,10 +239,6 @@ class TaskInputManager:
 
 def _pick(value, default):
     return default if value is None else value
-
-
-def _absolute(raw: str) -> Path:
-    return Path(raw).expanduser().absolute()
 
 
 def check_size(record: ModelRecord, width: int, height: int, frames: int) -> None:

@@ -29,6 +29,7 @@ from ..adapters.requests import AdapterRequests
 from ..config import ServerConfig
 from ..matting.inputs import MattingInputs
 from ..matting.runtime import MattingRuntime
+from ..media.access import InputAccess
 from ..media.persistence import MediaPersistenceContext
 from ..pipelines.inputs import TaskInputManager
 from ..pipelines.production import ProductionManager
@@ -74,6 +75,7 @@ class Engine:
         self.lora_manager = LoRAInjectionManager(config.lora.cache_budget)
         self.enhancer = PromptEnhancerBridge(config.enhancer, device=self.production.device)
         self.media = MediaPersistenceContext.from_config(config.media)
+        access = InputAccess(config.input_folders)
         self.generation = GenerationRuntime(
             self.production,
             config.output_path,
@@ -88,11 +90,12 @@ class Engine:
             engine=config.engine,
             metadata_default=config.media.metadata,
             adapters=AdapterRequests(self.lora_library, self.preset_library, config.enhancer),
+            access=access,
         )
         self.matting = MattingRuntime(
             config.output_path, config.matanyone.weights, self.production.device, self.media
         )
-        self.matting_inputs = MattingInputs(config.matanyone)
+        self.matting_inputs = MattingInputs(config.matanyone, access)
         self.router = JobRouter(
             self.generation, self.generation_inputs, self.matting, self.matting_inputs
         )
