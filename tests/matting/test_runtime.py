@@ -182,3 +182,20 @@ def test_silent_source_and_single_image(media: dict[str, Path], tmp_path: Path, 
     assert decode(Path(video))[0].shape == (1, H, W, 3)
     with zipfile.ZipFile(archive) as z:
         assert z.namelist() == ["frame_00000.png"]
+
+
+def test_save_masks_and_a_json_sidecar(media: dict[str, Path], tmp_path: Path, hooks) -> None:
+    """The debug toggle keeps the mask the network started from (after erode/dilate),
+    and `metadata: json` puts the document next to the video instead of inside it."""
+    from wangend.media.persistence import MediaPersistenceContext
+
+    runtime = MattingRuntime(tmp_path, "tiny", "cpu", MediaPersistenceContext(save_masks=True))
+    job = job_for(media, dilate=3, metadata="json")
+    video, sidecar, mask = (Path(p) for p in runtime.run(8, job, JobControl(), hooks))
+    assert sidecar.suffix == ".json" and mask.name == f"{video.stem}_mask.png"
+    assert read_video_metadata(video) is None
+    with Image.open(mask) as image:
+        saved = np.asarray(image)
+    assert saved.shape == (H, W)
+    given = np.asarray(Image.open(media["mask"]).convert("L")) >= 128
+    assert (saved >= 128).sum() > given.sum()  # dilated: it grew

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..errors import JobFailure
 from ..media.metadata import MetadataState
 from ..media.naming import render_output_name
-from ..media.persistence import MediaPersistenceContext, write_video
+from ..media.persistence import MediaPersistenceContext, write_image, write_video
 from ..pipelines.control import JobControl, RunHooks
 from ..protocol import ResolvedMatAnyOne
 from .engine import MattingEngine
@@ -140,7 +140,7 @@ class MattingRuntime:
         control.check_abort()  # the last chance: from here on files get written
         hooks.progress(n, n, "saving")
         started = time.perf_counter()
-        paths = self._save(job_id, job, frames, alpha, mask.shape, timings)
+        paths = self._save(job_id, job, frames, alpha, mask, timings)
         timings["save"] = time.perf_counter() - started
         return [str(p) for p in paths]
 
@@ -194,9 +194,10 @@ class MattingRuntime:
         job: ResolvedMatAnyOne,
         frames: np.ndarray,
         alpha: np.ndarray,
-        mask_shape: tuple[int, ...],
+        mask: np.ndarray,
         timings: dict[str, float],
     ) -> list[Path]:
+        mask_shape = mask.shape
         folder = self.output_dir / OUTPUT_FOLDER
         stem = render_output_name(job.output_name, job_id=job_id, job=job)
         state = MetadataState.for_run(
@@ -215,4 +216,19 @@ class MattingRuntime:
         if job.rgba_zip:
             policy = self.media.retry_policy
             paths.append(write_rgba_zip(frames, alpha, folder, f"{written[0].stem}_rgba", policy))
+        if self.media.save_masks:  # the debug toggle: the mask the network really started from
+            paths += self._save_mask(job, mask, folder, f"{written[0].stem}_mask")
         return paths
+
+    def _save_mask(
+        self, job: ResolvedMatAnyOne, mask: np.ndarray, folder: Path, stem: str
+    ) -> list[Path]:
+        """The first-frame mask after resizing to the frames and erode/dilate, as a PNG."""
+        m = torch.from_numpy(mask)
+        if m.shape != (job.height, job.width):
+            size = (job.height, job.width)
+            m = F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+        refined = refine_mask(m, job.dilate, job.erode).clamp(0, 1).numpy()
+        pixels = np.clip(np.rint(refined * 255.0), 0, 255).astype(np.uint8)
+        plain = MetadataState(mode="none", document={})
+        return write_image(pixels, folder, stem, self.media, plain, image_format="png")
