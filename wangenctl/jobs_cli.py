@@ -16,12 +16,20 @@ the resolved job shown, and nothing is queued.
 from __future__ import annotations
 
 import base64
+import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from wangend.protocol import Event
+from wangend.protocol import (
+    AttentionBackend,
+    Event,
+    MatAnyOneSpec,
+    MemoryProfile,
+    MetadataMode,
+    StepCache,
+)
 
 from .cli import DetachOpt, FollowOpt, Options, _enqueue_and_follow, _run, app
 from .render import make_renderer
@@ -30,7 +38,11 @@ if TYPE_CHECKING:
     from .client import Client
     from .render import Renderer
 
-__all__ = ["parse_lora"]
+__all__ = ["parse_lora", "preview_file_name"]
+
+# The choices of the enumerated options come from the protocol's own types, so typer
+# refuses a misspelt value (exit 2, naming the choices) before the daemon is asked.
+MaskType = typing.get_type_hints(MatAnyOneSpec)["mask_type"]
 
 
 def _file(help: str, *names: str) -> Any:
@@ -39,13 +51,19 @@ def _file(help: str, *names: str) -> Any:
 
 
 def parse_lora(text: str) -> dict[str, str]:
-    """ "NAME" or "NAME:MULT" -> a LoraRef dict. MULT is what follows the last ':' (Wan2GP
-    syntax: "0.8", "1,0.5", "1;0"); a name may itself hold ':' only when a multiplier is
-    given after it."""
+    """ "NAME" or "NAME:MULT" -> a LoraRef dict.
+
+    The rule: MULT is everything after the LAST ':' and must look like a Wan2GP
+    multiplier ("0.8" constant, "1,0.5" per-step, "1;0" per expert phase: digits, '.',
+    ',', ';', signs, exponents, spaces); everything before it is the name, so a name may
+    itself hold ':' ("a:b:0.5" is LoRA "a:b" at 0.5). Text without ':' is a name at the
+    default multiplier. Anything else ("ink:", ":0.5", "ink:strong") is a usage error
+    rather than a guess; the daemon checks the multiplier's meaning.
+    """
     name, sep, mult = text.rpartition(":")
     if not sep:
         return {"name": text}
-    if not name or not mult or not all(c in "0123456789.,;-+ eE" for c in mult):
+    if not name or not mult.strip() or not all(c in "0123456789.,;-+ eE" for c in mult):
         raise typer.BadParameter(
             f"{text!r}: expected NAME or NAME:MULTIPLIER (e.g. style:0.8, fast:1,0.5)",
             param_hint="--lora",
@@ -68,21 +86,34 @@ def _paths(fields: dict[str, Path | list[Path] | None]) -> dict[str, Any]:
     return out
 
 
-class _PreviewSaver:
-    """Writes each preview JPEG of a followed job to a folder (`--save-previews`)."""
+def preview_file_name(job: int, step: int) -> str:
+    """`<job>-<step>.jpg`: a job's later attempt overwrites its earlier one."""
+    return f"{job}-{step}.jpg"
 
-    def __init__(self, folder: Path) -> None:
+
+class _PreviewSaver:
+    """Writes each preview JPEG of a followed job to a folder (`--save-previews`).
+
+    It runs before the renderer sees the event, so the JPEG is on disk when the progress
+    line says a preview arrived. A preview that does not decode is skipped with a notice
+    rather than ending the follow: the job itself is unaffected.
+    """
+
+    def __init__(self, folder: Path, out: Renderer) -> None:
         self.folder = folder
-        self.saved = 0
+        self.out = out
 
     def __call__(self, event: Event) -> None:
         preview = event.data.get("preview") if event.type == "job.progress" else None
         if not isinstance(preview, dict) or event.job is None:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        target = self.folder / f"job{event.job}-step{int(preview.get('step', 0)):04d}.jpg"
-        target.write_bytes(base64.b64decode(preview.get("data", "")))
-        self.saved += 1
+        step = int(preview.get("step") or event.data.get("step") or 0)
+        try:
+            data = base64.b64decode(str(preview.get("data", "")), validate=True)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            (self.folder / preview_file_name(event.job, step)).write_bytes(data)
+        except (ValueError, OSError) as exc:
+            self.out.notice(f"preview of job {event.job} step {step} not saved: {exc}")
 
 
 def _queue(
@@ -95,9 +126,9 @@ def _queue(
     save_previews: Path | None,
 ) -> None:
     opts: Options = ctx.obj
-    saver = _PreviewSaver(save_previews) if save_previews is not None else None
 
     async def work(c: Client, out: Renderer) -> int:
+        saver = _PreviewSaver(save_previews, out) if save_previews is not None else None
         if dry_run:
             out.validated(await c.validate(spec))
             return 0
@@ -163,15 +194,11 @@ def submit(
     strength: Annotated[float | None, typer.Option(help="V2V: how much is renoised, 0..1")] = None,
     guidance2: Annotated[float | None, typer.Option(help="Wan 2.2: low-noise guidance")] = None,
     boundary: Annotated[float | None, typer.Option(help="Wan 2.2: expert boundary 0..1")] = None,
-    profile: Annotated[
-        str | None, typer.Option(help="memory profile: none, model, group, sequential")
-    ] = None,
+    profile: Annotated[MemoryProfile | None, typer.Option(help="memory profile")] = None,
     fp8: Annotated[bool | None, typer.Option("--fp8/--no-fp8", help="float8 weights")] = None,
-    cache: Annotated[
-        str | None, typer.Option(help="step cache: none, fbc, mag, taylorseer, pab")
-    ] = None,
+    cache: Annotated[StepCache | None, typer.Option(help="step cache")] = None,
     cache_threshold: Annotated[float | None, typer.Option(help="step cache threshold")] = None,
-    attention: Annotated[str | None, typer.Option(help="native, flash or sage")] = None,
+    attention: Annotated[AttentionBackend | None, typer.Option(help="attention kernels")] = None,
     compile: Annotated[
         bool | None, typer.Option("--compile/--no-compile", help="regional torch.compile")
     ] = None,
@@ -185,7 +212,9 @@ def submit(
         bool | None, typer.Option("--enhance/--no-enhance", help="prompt enhancer on/off")
     ] = None,
     audio: Annotated[Path | None, _file("audio (or a video with sound) to add")] = None,
-    metadata: Annotated[str | None, typer.Option(help="embedded, json or none")] = None,
+    metadata: Annotated[
+        MetadataMode | None, typer.Option(help="settings in the file, in a .json, or not kept")
+    ] = None,
     from_file: Annotated[
         Path | None,
         typer.Option(
@@ -196,7 +225,10 @@ def submit(
         bool, typer.Option("--dry-run", help="check and show the job; queue nothing")
     ] = False,
     save_previews: Annotated[
-        Path | None, typer.Option(help="with --follow: write preview JPEGs to this folder")
+        Path | None,
+        typer.Option(
+            file_okay=False, help="with --follow: write each preview as DIR/<job>-<step>.jpg"
+        ),
     ] = None,
     follow: FollowOpt = False,
     detach: DetachOpt = False,
@@ -248,6 +280,8 @@ def submit(
     )
     if lora:
         fields["loras"] = [parse_lora(item) for item in lora]
+    if save_previews is not None and not follow and not dry_run:
+        raise typer.BadParameter("previews are saved while following: add --follow")
     if from_file is not None:
         spec = _from_file(from_file, fields)
         if spec.get("kind") != "generate":
@@ -278,13 +312,13 @@ def matanyone(
     dilate: Annotated[int | None, typer.Option(help="dilate the mask by R pixels")] = None,
     warmup: Annotated[int | None, typer.Option(help="warm-up passes on the first frame")] = None,
     max_size: Annotated[int | None, typer.Option(help="longest side processed")] = None,
-    type: Annotated[
-        str | None, typer.Option("--type", help="alpha, foreground or greenscreen")
-    ] = None,
+    type: Annotated[MaskType | None, typer.Option("--type", help="what is written")] = None,
     zip: Annotated[bool, typer.Option("--zip", help="also a ZIP of RGBA PNG frames")] = False,
     no_audio: Annotated[bool, typer.Option("--no-audio", help="leave the sound out")] = False,
     output_name: Annotated[str | None, typer.Option(help="file name template")] = None,
-    metadata: Annotated[str | None, typer.Option(help="embedded, json or none")] = None,
+    metadata: Annotated[
+        MetadataMode | None, typer.Option(help="settings in the file, in a .json, or not kept")
+    ] = None,
     priority: Annotated[int | None, typer.Option(help="-1000..1000, higher runs first")] = None,
     from_file: Annotated[
         Path | None,

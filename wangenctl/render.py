@@ -8,11 +8,14 @@ People (`HumanRenderer`): data on stdout (a job id, output paths, tables), progr
 notices on stderr. So `JOB=$(wangenctl submit ...)` captures the id and
 `wangenctl submit --follow ... > paths.txt` captures only the paths, while the terminal
 still shows the bars. Live bars need a terminal; elsewhere (logs, pipes) each phase
-change is one plain line.
+change is one plain line (progress_view.py draws both).
 
 Programs (`JsonRenderer`): every result, record and event is one compact JSON object
 per line on stdout, encoded by msgspec straight from the protocol Structs; lists (`list`,
-`models`) are one line per item so `jq` and line-by-line readers need no framing.
+`models`) are one line per item so `jq` and line-by-line readers need no framing. A
+`job.progress` event's preview JPEG is the one thing left out: its base64 `data` becomes
+`bytes` (the JPEG's size), so a log of events stays small; `--save-previews DIR` keeps the
+images, and the raw event stream still carries them.
 
 rich is imported only when something is drawn: `wangenctl --json ...` never loads it.
 """
@@ -46,7 +49,6 @@ from wangend.protocol import (
 
 if TYPE_CHECKING:
     from rich.console import Console
-    from rich.progress import Progress, TaskID
 
 __all__ = [
     "EventView",
@@ -58,8 +60,6 @@ __all__ = [
 ]
 
 TERMINAL_EVENTS = frozenset({"job.succeeded", "job.failed", "job.aborted"})
-# Phases the plain (non-terminal) view leaves out: their own event already made a line.
-_ANNOUNCED = frozenset({"starting", "loading model", "paused"})
 
 
 def format_seconds(seconds: float | None) -> str:
@@ -85,6 +85,16 @@ def _format_bytes(size: int) -> str:
 
 def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _without_preview_data(event: Event) -> Event:
+    """The event as shown: a preview keeps its step, size and shape, not its base64."""
+    preview = event.data.get("preview")
+    if event.type != "job.progress" or not isinstance(preview, dict) or "data" not in preview:
+        return event
+    shown = {k: v for k, v in preview.items() if k != "data"}
+    shown["bytes"] = len(str(preview["data"])) * 3 // 4 - str(preview["data"]).count("=")
+    return msgspec.structs.replace(event, data={**event.data, "preview": shown})
 
 
 def _error_text(data: dict[str, Any]) -> str:
@@ -216,7 +226,7 @@ class _JsonEvents:
         self._out.emit(record)
 
     def event(self, event: Event) -> None:
-        self._out.emit(event)
+        self._out.emit(_without_preview_data(event))
 
     def notice(self, text: str) -> None:
         self._out.notice(text)
@@ -465,7 +475,9 @@ class HumanRenderer:
         self.err.print(f"error: {text}", markup=False)
 
     def events(self, job: int | None) -> EventView:
-        return _HumanEvents(self.err, job)
+        from .progress_view import HumanEvents
+
+        return HumanEvents(self.err, job)
 
     def _grid(self, rows: list[tuple[str, str]]) -> None:
         # Plain aligned lines, not a rich table: no padding, no wrapping, easy to grep.
@@ -520,167 +532,3 @@ def _spec_rows(spec: ResolvedJob) -> list[tuple[str, str]]:
 def _clip(text: str, width: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
-
-
-class _HumanEvents:
-    """One progress bar per running job on a terminal; a plain line per change elsewhere.
-
-    `job` set: the view follows one job, and its end is left to `Renderer.finished` (paths
-    on stdout). `job` None: a daemon-wide watch, so every end is a line here.
-    """
-
-    def __init__(self, console: Console, job: int | None) -> None:
-        self.console = console
-        self.job = job
-        self._progress: Progress | None = None
-        self._tasks: dict[int, TaskID] = {}
-        self._phase: dict[int, str] = {}
-        self._started: dict[int, float] = {}
-        self._current: int | None = None  # the job on the worker: model loads are its wait
-
-    def __enter__(self) -> _HumanEvents:
-        if self.console.is_terminal:
-            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
-
-            self._progress = Progress(
-                SpinnerColumn(),
-                TextColumn("{task.description}"),
-                BarColumn(),
-                TextColumn("{task.fields[steps]}"),
-                TextColumn("{task.fields[phase]}"),
-                TextColumn("eta {task.fields[eta]}"),
-                console=self.console,
-            )
-            self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-
-    def notice(self, text: str) -> None:
-        self.console.print(text, markup=False, style="dim")
-
-    def _say(self, text: str) -> None:
-        self.console.print(text, markup=False)
-
-    def _update(
-        self, job: int, phase: str, step: int = 0, steps: int = 0, eta: float | None = None
-    ) -> None:
-        changed = self._phase.get(job) != phase
-        self._phase[job] = phase
-        counted = f"{step}/{steps}" if steps else ""
-        if self._progress is None:
-            if changed and phase not in _ANNOUNCED:
-                steps_text = f" ({steps} steps)" if phase == "denoising" and steps else ""
-                self._say(f"job {job}: {phase}{steps_text}")
-            return
-        fields = {"phase": phase, "steps": counted, "eta": format_seconds(eta)}
-        if job not in self._tasks:
-            self._tasks[job] = self._progress.add_task(f"job {job}", total=None, **fields)
-        self._progress.update(
-            self._tasks[job], total=steps or None, completed=step, refresh=True, **fields
-        )
-
-    def _end(self, job: int) -> None:
-        self._phase.pop(job, None)
-        if self._current == job:
-            self._current = None
-        task = self._tasks.pop(job, None)
-        if task is not None and self._progress is not None:
-            self._progress.remove_task(task)
-
-    def _loading(self, d: dict[str, Any]) -> None:
-        """A model load: the first event is a line; the next ones (one per component
-        read) move the job's bar by bytes, or make a line each where there is no bar."""
-        done, parts = int(d.get("components_loaded") or 0), int(d.get("components_total") or 0)
-        got, total = int(d.get("bytes_loaded") or 0), int(d.get("bytes_total") or 0)
-        if done == 0:
-            self._say(f"loading model {d.get('model')} on {d.get('device')}")
-        counted = f"{done}/{parts} parts, {_format_bytes(got)}/{_format_bytes(total)}"
-        if self._progress is None or self._current is None:
-            if done:
-                self._say(f"loading model {d.get('model')}: {counted} ({d.get('component')})")
-            return
-        job = self._current
-        self._phase[job] = "loading model"
-        fields = {"phase": "loading model", "steps": counted if parts else "", "eta": "-"}
-        if job not in self._tasks:
-            self._tasks[job] = self._progress.add_task(f"job {job}", total=None, **fields)
-        self._progress.update(
-            self._tasks[job], total=total or None, completed=got, refresh=True, **fields
-        )
-
-    def seed(self, record: JobRecord) -> None:
-        """Start from a job's recorded state (watching a job that is already under way)."""
-        p = record.progress
-        if record.state in ("running", "paused"):
-            self._current = record.id
-            self._started[record.id] = record.started_at or time.time()
-            phase = "paused" if record.state == "paused" else (p.phase if p else "starting")
-            self._update(
-                record.id, phase, p.step if p else 0, p.steps if p else 0, p.eta if p else None
-            )
-        elif record.state == "queued":
-            self._say(f"job {record.id} is queued")
-
-    def event(self, event: Event) -> None:
-        kind, job, d = event.type, event.job, event.data
-        if kind == "job.progress" and job is not None:
-            self._update(
-                job,
-                str(d.get("phase", "")),
-                int(d.get("step") or 0),
-                int(d.get("steps") or 0),
-                d.get("eta"),
-            )
-        elif kind == "job.queued":
-            self._say(f"job {job} queued at position {d.get('position', '?')}")
-        elif kind == "job.started" and job is not None:
-            self._current = job
-            self._started[job] = event.ts
-            self._say(f"job {job} started ({d.get('model')}, attempt {d.get('attempt')})")
-            self._update(job, "starting")
-        elif kind == "model.loading":
-            self._loading(d)
-        elif kind == "model.loaded":
-            self._say(f"model {d.get('model')} loaded in {format_seconds(d.get('seconds'))}")
-        elif kind in ("job.paused", "job.resumed") and job is not None:
-            verb = kind.removeprefix("job.")
-            self._say(f"job {job} {verb} at step {d.get('step')}/{d.get('steps')}")
-            if kind == "job.paused":
-                self._update(job, "paused", int(d.get("step") or 0), int(d.get("steps") or 0))
-        elif kind in TERMINAL_EVENTS and job is not None:
-            took = event.ts - self._started[job] if job in self._started else None
-            self._end(job)
-            if self.job is None:
-                state = kind.removeprefix("job.")
-                detail = (
-                    ", ".join(d.get("outputs") or []) if state == "succeeded" else _error_text(d)
-                )
-                after = f" after {format_seconds(took)}" if took is not None else ""
-                self._say(f"job {job} {state}{after}" + (f": {detail}" if detail else ""))
-        elif kind == "job.moved":
-            self._say(f"job {job} moved to position {d.get('position')}")
-        elif kind == "job.updated":
-            enhancer = (d.get("spec") or {}).get("enhancer") or {}
-            if enhancer.get("ok"):
-                prompt = _clip(str(d["spec"].get("prompt", "")), 70)
-                self._say(f"job {job}: prompt enhanced ({enhancer.get('provider')}): {prompt}")
-            elif enhancer:
-                self._say(f"job {job}: prompt not enhanced: {enhancer.get('reason', '?')}")
-            else:
-                self._say(f"job {job} updated")
-        elif kind == "queue.paused":
-            self._say(
-                "queue paused"
-                + (" after the current job" if d.get("mode") == "after_current" else "")
-            )
-        elif kind == "queue.resumed":
-            self._say("queue resumed")
-        elif kind == "queue.cleared":
-            self._say(f"queue cleared ({len(d.get('cancelled') or [])} cancelled)")
-        elif kind == "daemon.stopping":
-            self._say(f"the daemon is stopping ({d.get('mode', 'graceful')})")
-        else:
-            self._say(f"{kind}" + (f" job {job}" if job is not None else ""))

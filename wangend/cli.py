@@ -1,4 +1,4 @@
-"""`wangend serve | token | config check | config show | install-units`.
+"""`wangend serve | token | config check | config show | install-units | history`.
 
 The entry point is the only place that installs signal handlers and calls `sys.exit`;
 everything below it raises. Exit codes: 0 clean stop, 1 runtime failure, 2 bad config or
@@ -235,12 +235,34 @@ def install_units(
         typer.echo(f"next: {ctl} daemon-reload && {ctl} enable --now {enable}")
 
 
+def parse_since(text: str) -> float:
+    """`--since`: Unix seconds ("1764000000") or ISO 8601 ("2026-11-24",
+    "2026-11-24T15:00", "2026-11-24T15:00:00+01:00"); a time without a zone is local."""
+    from datetime import datetime
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text.strip()).timestamp()
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r} is neither Unix seconds nor an ISO 8601 date or time",
+            param_hint="--since",
+        ) from None
+
+
 @app.command()
 def history(
     config: ConfigOpt = None,
     state_dir: StateOpt = None,
     since: Annotated[
-        float | None, typer.Option(help="only jobs finished after this Unix time")
+        str | None,
+        typer.Option(
+            metavar="TIMESTAMP",
+            help="only jobs finished at or after this: Unix seconds or ISO 8601 (local time)",
+        ),
     ] = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="write here instead of stdout")
@@ -249,25 +271,35 @@ def history(
     """Export the run history as JSONL: one line per finished job with its outputs.
 
     Reads the queue database directly (read-only), so it works while the daemon runs and
-    when it does not.
+    when it does not. With --output the file appears whole or not at all (written under a
+    temporary name, then renamed).
     """
     import sqlite3
 
     from .queue.history import export_history
 
+    since_ts = parse_since(since) if since is not None else None
     cfg = _load(config, _overrides(state_dir=state_dir))
+    partial = None if output is None else output.with_name(f".{output.name}.partial")
     try:
-        if output is None:
-            count = export_history(cfg.db_path, sys.stdout, since)
+        if output is None or partial is None:
+            count = export_history(cfg.db_path, sys.stdout, since_ts)
         else:
-            with open(output, "w", encoding="utf-8") as out:
-                count = export_history(cfg.db_path, out, since)
-    except FileNotFoundError:
-        typer.echo(f"wangend: no queue database at {cfg.db_path}", err=True)
-        raise typer.Exit(2) from None
+            with open(partial, "w", encoding="utf-8") as out:
+                count = export_history(cfg.db_path, out, since_ts)
+            os.replace(partial, output)
     except sqlite3.DatabaseError as exc:
         typer.echo(f"wangend: cannot read {cfg.db_path}: {exc}", err=True)
         raise typer.Exit(2) from None
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError) and exc.filename is None:  # the database
+            typer.echo(f"wangend: no queue database at {cfg.db_path}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(f"wangend: cannot write {output}: {exc.strerror}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
     typer.echo(f"{count} jobs exported", err=True)
 
 

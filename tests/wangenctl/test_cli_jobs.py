@@ -108,10 +108,15 @@ def test_presets_are_listed_and_applied(daemon: DaemonProcess) -> None:
 
 def test_dry_run_shows_the_job_and_queues_nothing(daemon: DaemonProcess) -> None:
     before = json_lines(ctl(daemon, "--json", "status").stdout)[0]["queue"]
+    jobs_before = ctl(daemon, "--json", "list").stdout
     done = ctl(daemon, "submit", "a dry run", "--seed", "9", "--dry-run", *SMALL)
     assert done.returncode == 0, done.stderr
     assert "nothing was queued" in done.stdout and "a dry run" in done.stdout
+    [plan] = json_lines(ctl(daemon, "--json", "submit", "a dry run", "--dry-run", *SMALL).stdout)
+    assert plan["spec"]["prompt"] == "a dry run" and plan["spec"]["steps"] == 2
+    assert plan["plan"]
     assert json_lines(ctl(daemon, "--json", "status").stdout)[0]["queue"] == before
+    assert ctl(daemon, "--json", "list").stdout == jobs_before
     refused = ctl(daemon, "submit", "p", "--frames", "6", "--dry-run")
     assert refused.returncode == 1 and "frames" in refused.stderr
 
@@ -128,7 +133,7 @@ def test_from_an_output_gives_the_same_frames_and_inspect_shows_its_settings(
         json.loads(info_a["comment"])["frames_sha256"]
         == json.loads(info_b["comment"])["frames_sha256"]
     )
-    assert frames_a.shape == frames_b.shape
+    assert frames_a.shape == (5, 32, 32, 3) and np.array_equal(frames_a, frames_b)
 
     _, changed = submitted(daemon, "--from", first, "--seed", "78")
     assert json.loads(decode_frames(changed)[1]["comment"])["settings"]["seed"] == 78
@@ -151,10 +156,18 @@ def test_previews_are_saved_while_following(daemon: DaemonProcess, tmp_path: Pat
         "--follow", *SMALL,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    saved = sorted(folder.glob("*.jpg"))
-    assert len(saved) == 2
-    with Image.open(saved[0]) as image:
+    job = int(done.stdout.split()[0])
+    assert sorted(p.name for p in folder.iterdir()) == [f"{job}-1.jpg", f"{job}-2.jpg"]
+    with Image.open(folder / f"{job}-2.jpg") as image:
         assert image.format == "JPEG"
+    assert f"job {job}: preview 1/2" in done.stderr and f"job {job}: preview 2/2" in done.stderr
+
+    as_json = ctl(daemon, "--json", "submit", "a comet", "--preview-every", "1", "-f", *SMALL)
+    previews = [
+        e["data"]["preview"] for e in json_lines(as_json.stdout)[1:] if "preview" in e["data"]
+    ]
+    assert [p["step"] for p in previews] == [1, 2]
+    assert all("data" not in p and 0 < p["bytes"] <= 24 * 1024 for p in previews)
 
 
 def test_matanyone_from_the_command_line(daemon: DaemonProcess, tmp_path: Path) -> None:
@@ -201,3 +214,16 @@ def test_history_export_writes_one_line_per_finished_job(daemon: DaemonProcess) 
     lines = json_lines(done.stdout)
     assert lines and all(line["state"] in ("succeeded", "failed", "aborted") for line in lines)
     assert any(line["spec"].get("prompt") == "for the history" for line in lines)
+    finished = json_lines(ctl(daemon, "--json", "list", "-s", "succeeded", "-s", "failed",
+                              "-s", "aborted").stdout)  # fmt: skip
+    assert sorted(line["id"] for line in lines) == sorted(r["id"] for r in finished)
+
+    last = lines[-1]["timings"]["finished_at"]
+    target = daemon.state_dir.parent / "recent.jsonl"
+    since = subprocess.run(
+        [WANGEND, "history", "--state-dir", str(daemon.state_dir), "--since", str(last),
+         "--output", str(target)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert since.returncode == 0, since.stderr
+    assert [json.loads(x)["id"] for x in target.read_text().splitlines()] == [lines[-1]["id"]]
