@@ -15,43 +15,14 @@ from wangend.config import EnhancerConfig
 from wangend.protocol import GenerateSpec
 
 from .chat_server import Server
+from .tiny_models import write_tiny_lm
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 PROMPT = "a fox in the snow"
 
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from wangend.pipelines.tiny import build_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny_lm")
-    tokenizer = build_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1234)
-        model = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                num_key_value_heads=2,
-                max_position_embeddings=4096,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    assert not list(folder.glob("*.bin"))
-    return folder
+    return write_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
 
 
 class Clock:

@@ -46,7 +46,19 @@ class Florence2Captioner:
             ids = self.model.generate(
                 **inputs, max_new_tokens=self.max_new_tokens, num_beams=3, do_sample=False
             )
-        text = self.processor.batch_decode(ids, skip_special_tokens=False)[0]
-        parsed = self.processor.post_process_generation(text, task=TASK, image_size=rgb.size)
-        caption = parsed.get(TASK, "") if isinstance(parsed, dict) else ""
-        return str(caption).strip()
+        return self._answer(ids, rgb.size)
+
+    def _answer(self, ids, image_size: tuple[int, int]) -> str:
+        """The task's answer from Florence-2's own post-processing, else the decoded text
+        without special tokens. transformers raises "Unsupported parse task" when the
+        processor's `post_processor_config` has no `pure_text` entry (a hand-saved folder), and
+        any parse failure should cost the caption's markup, not the caption."""
+        raw = self.processor.batch_decode(ids, skip_special_tokens=False)[0]
+        try:
+            parsed = self.processor.post_process_generation(raw, task=TASK, image_size=image_size)
+        except (ValueError, KeyError, TypeError, IndexError):
+            parsed = None
+        answer = parsed.get(TASK) if isinstance(parsed, dict) else None
+        if not isinstance(answer, str):
+            answer = self.processor.batch_decode(ids, skip_special_tokens=True)[0]
+        return answer.strip()
