@@ -279,6 +279,10 @@ from . import jobs_cli  # noqa: E402, F401
 def retry(
     ctx: typer.Context,
     job: Annotated[int, typer.Argument(help="a failed or aborted job")],
+    enhance: Annotated[
+        bool,
+        typer.Option("--enhance", help="enhance the original prompt again, not reuse the result"),
+    ] = False,
     follow: FollowOpt = False,
     detach: DetachOpt = False,
 ) -> None:
@@ -286,7 +290,9 @@ def retry(
     opts: Options = ctx.obj
     _run(
         ctx,
-        lambda c, out: _enqueue_and_follow(c, out, opts, lambda: c.retry(job), follow, detach),
+        lambda c, out: _enqueue_and_follow(
+            c, out, opts, lambda: c.retry(job, enhance), follow, detach
+        ),
     )
 
 

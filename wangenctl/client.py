@@ -395,8 +395,11 @@ class Client:
     async def clear(self) -> ClearResult:
         return await self.call("clear", None, ClearResult)
 
-    async def retry(self, job: int) -> EnqueueResult:
-        return await self.call("retry", {"job": job}, EnqueueResult)
+    async def retry(self, job: int, enhance: bool = False) -> EnqueueResult:
+        params: dict[str, Any] = {"job": job}
+        if enhance:
+            params["enhance"] = True
+        return await self.call("retry", params, EnqueueResult)
 
     async def move(self, job: int, position: int) -> MoveResult:
         return await self.call("move", {"job": job, "position": position}, MoveResult)

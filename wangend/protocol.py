@@ -58,6 +58,7 @@ __all__ = [
     "ResolvedJob",
     "ResolvedLora",
     "ResolvedMatAnyOne",
+    "RetryParams",
     "RunningInfo",
     "ShutdownParams",
     "StatusParams",
@@ -398,6 +399,13 @@ class JobsParams(Params):
 
 class JobRef(Params):
     job: int
+
+
+class RetryParams(Params):
+    job: int
+    # Ask the prompt enhancer again (from the original prompt) instead of reusing the
+    # enhanced prompt the job ran with.
+    enhance: bool = False
 
 
 class MoveParams(Params):

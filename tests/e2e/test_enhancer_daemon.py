@@ -82,6 +82,12 @@ def test_a_retry_reuses_the_enhanced_prompt(enhanced_daemon: DaemonProcess, chat
     assert retried["spec"]["original_prompt"] == "a fox"
     assert len(chat.requests) == asked  # the enhancer was not asked again
 
+    fresh, (asked_again, *_) = run(enhanced_daemon, "retry", {"job": job, "enhance": True})
+    assert fresh["type"] == "job.succeeded"
+    assert len(chat.requests) == asked + 1  # asked for a fresh one, from the original
+    assert "a fox" in chat.requests[-1]["messages"][-1]["content"]
+    assert asked_again["spec"]["original_prompt"] == "a fox"
+
 
 def test_a_failing_enhancer_falls_back_to_the_original_prompt(
     enhanced_daemon: DaemonProcess, chat: Server

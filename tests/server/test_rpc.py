@@ -89,7 +89,7 @@ class FakeController:
         self._note("clear")
         return ClearResult(cancelled=[3, 4])
 
-    def retry(self, job_id: int) -> EnqueueResult:
+    def retry(self, job_id: int, enhance: bool = False) -> EnqueueResult:
         self._note("retry", job_id)
         return EnqueueResult(job=2, state="queued", position=0, spec=SPEC)
 

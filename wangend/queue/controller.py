@@ -42,6 +42,7 @@ from ..protocol import (
     MoveResult,
     QueueCounts,
     QueueStateResult,
+    ResolvedGenerate,
     ResolvedJob,
     RunningInfo,
 )
@@ -346,9 +347,11 @@ class QueueController:
         self.publish("queue.cleared", None, {"cancelled": cancelled})
         return ClearResult(cancelled=cancelled)
 
-    def retry(self, job_id: int) -> EnqueueResult:
+    def retry(self, job_id: int, enhance: bool = False) -> EnqueueResult:
         """A new job with the same resolved spec (same seed, so the same video) and the
-        same priority; the old record stays as history."""
+        same priority; the old record stays as history. A generation whose prompt was
+        enhanced reuses the enhanced prompt, unless `enhance` asks for a fresh one (from
+        the original prompt)."""
         if self._stopping:
             raise ShuttingDown("the daemon is shutting down and takes no new jobs")
         record = self.store.get(job_id)
@@ -357,7 +360,17 @@ class QueueController:
                 f"job {job_id} is {record.state}; only a failed or aborted job can be retried",
                 {"job": job_id, "state": record.state},
             )
-        return self._add(record.spec, record.priority, job_id)
+        spec = record.spec
+        if enhance:
+            if not isinstance(spec, ResolvedGenerate):
+                raise InvalidParams("only a generation has a prompt to enhance", "$.params.enhance")
+            spec = msgspec.structs.replace(
+                spec,
+                prompt=spec.original_prompt or spec.prompt,
+                original_prompt=None,
+                enhancer={"requested": True},
+            )
+        return self._add(spec, record.priority, job_id)
 
     def move(self, job_id: int, position: int) -> MoveResult:
         """Move a queued job in the run order (see JobStore.move for the priority rule)."""

@@ -21,7 +21,6 @@ from ..protocol import (
     ClearResult,
     EnqueueResult,
     JobRecord,
-    JobRef,
     JobsParams,
     JobSpec,
     JobsResult,
@@ -34,6 +33,7 @@ from ..protocol import (
     PauseParams,
     PresetsResult,
     QueueStateResult,
+    RetryParams,
     ShutdownParams,
     StatusParams,
     StatusResult,
@@ -114,9 +114,9 @@ def build_methods(services: Services) -> list[Method]:
     async def clear(session: Session, p: None) -> ClearResult:
         return services.controller.clear()
 
-    async def retry(session: Session, p: JobRef) -> EnqueueResult:
+    async def retry(session: Session, p: RetryParams) -> EnqueueResult:
         ensure_accepting()
-        return services.controller.retry(p.job)
+        return services.controller.retry(p.job, enhance=p.enhance)
 
     async def move(session: Session, p: MoveParams) -> MoveResult:
         return services.controller.move(p.job, p.position)
@@ -150,7 +150,7 @@ def build_methods(services: Services) -> list[Method]:
         Method("unsubscribe", unsubscribe),
         Method("jobs", jobs, JobsParams),
         Method("clear", clear),
-        Method("retry", retry, JobRef),
+        Method("retry", retry, RetryParams),
         Method("move", move, MoveParams),
         Method("models", models),
         Method("shutdown", shutdown, ShutdownParams),
