@@ -179,6 +179,7 @@ class Engine:
             if config.lora != self.config.lora:
                 self.lora_library = LoRALibrary(lora_roots(config))
                 self.preset_library = PresetLibrary(preset_roots(config))
+                self.lora_manager.budget = config.lora.cache_budget  # evicts on the next job
                 self.generation_inputs.adapters = AdapterRequests(
                     self.lora_library, self.preset_library, config.enhancer
                 )
