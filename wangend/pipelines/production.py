@@ -33,6 +33,7 @@ import gc
 import importlib
 import json
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -253,14 +254,14 @@ class ProductionManager:
         del pipe
         _free_device_memory()
 
-    def _folder(self, record: ModelRecord) -> Path:
+    def _folder(self, record: ModelRecord, hooks: RunHooks, data: dict[str, Any]) -> Path:
         """The local diffusers folder to load `record` from, downloading if allowed."""
         name = record.name
         if record.tiny:
             folder = Path(record.source)
             ensure_tiny_model(folder.parent, name=folder.name)
         if record.kind == "hub":
-            return self._hub_folder(record)
+            return self._hub_folder(record, hooks, data)
         folder = Path(record.source)
         if not folder.is_dir():
             raise JobFailure("ModelUnavailable", f"model {name}: folder {folder} is gone")
@@ -272,7 +273,9 @@ class ProductionManager:
             )
         return folder
 
-    def _hub_folder(self, record: ModelRecord) -> Path:
+    def _hub_folder(self, record: ModelRecord, hooks: RunHooks, data: dict[str, Any]) -> Path:
+        """The cached snapshot of a hub model, downloaded (with "downloading" progress
+        events) when it is not complete in the cache and downloads are allowed."""
         import diffusers
 
         pipeline_cls = getattr(diffusers, record.pipeline)
@@ -292,7 +295,11 @@ class ProductionManager:
                 "Face cache and downloading is switched off",
             ) from problem
         try:
-            return Path(pipeline_cls.download(record.source, use_safetensors=True))
+            folder = _download_snapshot(record.source, record.name, hooks, data)
+            missing = check_folder(folder)[1]
+            if missing:
+                raise FileNotFoundError(f"the hub repo lacks {', '.join(missing)}")
+            return folder
         except Exception as exc:
             raise JobFailure(
                 "ModelUnavailable",
@@ -306,7 +313,7 @@ class ProductionManager:
         import diffusers
 
         name = record.name
-        folder = self._folder(record)
+        folder = self._folder(record, hooks, data)
         plan = component_plan(folder)
         total = sum(size for *_, size in plan)
         progress = {
@@ -356,6 +363,110 @@ class ProductionManager:
             ) from exc
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+# Never fetched: pickled weights (never loaded here) and other frameworks' formats.
+HUB_IGNORE = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.msgpack", "*.h5", "*.onnx", "*.pb"]
+DOWNLOAD_EVENT_SECONDS = 0.25  # at most ~4 "downloading" events a second
+
+
+class _DownloadCounts:
+    """Files and bytes done so far, fed from huggingface_hub's download threads."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.files_done = 0
+        self.files_total: int | None = None
+        self.bytes_done = 0
+        self.bytes_total = 0
+
+    def snapshot(self) -> dict[str, int]:
+        with self.lock:
+            counts = {"files_done": self.files_done, "bytes_done": self.bytes_done}
+            if self.files_total is not None:
+                counts["files_total"] = self.files_total
+            if self.bytes_total:
+                counts["bytes_total"] = self.bytes_total
+            return counts
+
+
+def _progress_class(counts: _DownloadCounts) -> type:
+    """A tqdm class for snapshot_download that shows nothing and counts into `counts`:
+    the bar without a byte unit counts files, the byte bar other than the network
+    transfer one counts bytes written (its total grows as each file starts)."""
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    class _Progress(hf_tqdm):  # type: ignore[misc,valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            name, desc = kwargs.get("name") or "", kwargs.get("desc") or ""
+            if kwargs.get("unit", "it") != "B":
+                self._kind = "files"
+            elif name.endswith(".transfer") or desc.startswith("Downloading"):
+                self._kind = "transfer"
+            else:
+                self._kind = "bytes"
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+            if self._kind == "files" and kwargs.get("total") is not None:
+                with counts.lock:
+                    counts.files_total = int(kwargs["total"])
+
+        def update(self, n: float | None = 1) -> bool | None:
+            with counts.lock:
+                if self._kind == "files":
+                    counts.files_done += int(n or 0)
+                elif self._kind == "bytes":
+                    counts.bytes_done += int(n or 0)
+                    counts.bytes_total = max(int(self.total or 0), counts.bytes_done)
+            return None
+
+        def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+            pass
+
+    return _Progress
+
+
+def _download_snapshot(repo_id: str, name: str, hooks: RunHooks, data: dict[str, Any]) -> Path:
+    """Download what a diffusers load of `repo_id` reads (model_index.json and every
+    component folder, safetensors only) into the HF cache, reporting `model.loading`
+    events with phase "downloading" from this thread, at most ~4 a second."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    index_path = hf_hub_download(repo_id, "model_index.json")
+    index = json.loads(Path(index_path).read_text(encoding="utf-8"))
+    parts = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)]
+    allow = ["model_index.json", *(f"{part}/*" for part in parts)]
+    counts = _DownloadCounts()
+    outcome: dict[str, Any] = {}
+
+    def fetch() -> None:
+        try:
+            outcome["folder"] = snapshot_download(
+                repo_id,
+                allow_patterns=allow,
+                ignore_patterns=HUB_IGNORE,
+                tqdm_class=_progress_class(counts),
+            )
+        except BaseException as exc:  # re-raised on the calling thread
+            outcome["error"] = exc
+
+    def emit(progress: dict[str, int]) -> None:
+        hooks.model_loading(name, {**data, "phase": "downloading", **progress})
+
+    emit({"files_done": 0})
+    worker = threading.Thread(target=fetch, name=f"download {repo_id}", daemon=True)
+    worker.start()
+    last: dict[str, int] = {"files_done": 0}
+    while worker.is_alive():
+        worker.join(DOWNLOAD_EVENT_SECONDS)
+        progress = counts.snapshot()
+        if worker.is_alive() and progress != last:
+            emit(progress)
+            last = progress
+    if "error" in outcome:
+        raise outcome["error"]
+    emit(counts.snapshot())
+    return Path(outcome["folder"])
 
 
 def _load_component(folder: Path, part: str, library: str, cls_name: str, dtype: Any) -> Any:

@@ -1,0 +1,123 @@
+"""A hub model that is not in the cache downloads from a real (local, fake) hub with
+"downloading" progress events, safetensors only, then loads, runs, and comes from the
+cache the next time without a single request."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wangend.errors import JobFailure
+from wangend.pipelines.control import JobControl
+from wangend.pipelines.inputs import TaskInputManager
+from wangend.pipelines.production import ProductionManager
+from wangend.pipelines.registry import ModelRegistry
+from wangend.pipelines.runtime import GenerationRuntime
+from wangend.pipelines.tiny import ensure_tiny_model
+from wangend.protocol import GenerateSpec
+
+from .conftest import RecordingHooks
+from .fake_hub import FakeHub
+
+REPO = "org/tiny-wan"
+PICKLE = "transformer/diffusion_pytorch_model.bin"
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    """The tiny model served as REPO, with a pickle beside its safetensors; the HF cache
+    and endpoint pointed at temporary ones, offline mode off."""
+    from huggingface_hub import constants
+
+    ensure_tiny_model(tmp_path / "source")
+    extra = {PICKLE: b"not a pickle you want", "README.md": b"# tiny"}
+    with FakeHub(REPO, tmp_path / "source" / "tiny", extra, delay=0.4) as server:
+        cache = tmp_path / "hf" / "hub"
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+        monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+        monkeypatch.setattr(
+            constants,
+            "HUGGINGFACE_CO_URL_TEMPLATE",
+            server.endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+        )
+        yield server
+
+
+def downloading(hooks: RecordingHooks) -> list[dict]:
+    return [data for _name, data in hooks.named("model_loading") if data.get("phase")]
+
+
+def test_download_reports_progress_loads_runs_and_is_cached(hub: FakeHub, tmp_path) -> None:
+    registry = ModelRegistry(tmp_path / "models")
+    record = registry.resolve(REPO)
+    assert record.kind == "hub" and not registry.available(record)
+    manager = ProductionManager(registry, device="cpu", allow_download=True)
+    hooks = RecordingHooks()
+    started = time.monotonic()
+    pipe = manager.ensure(record, "float32", hooks)
+    seconds = time.monotonic() - started
+
+    events = downloading(hooks)
+    assert events and all(e["phase"] == "downloading" for e in events)
+    assert all(e["source"] == REPO and e["reason"] == "cold" for e in events)
+    last = events[-1]
+    wanted = {p for p in hub.files if p.split("/")[0] != p and not p.endswith(".bin")}
+    wanted.add("model_index.json")
+    assert last["files_done"] == last["files_total"] == len(wanted)
+    # model_index.json is fetched first (to know the components), so it is cached here
+    weights = sum(len(b) for p, b in hub.files.items() if p in wanted - {"model_index.json"})
+    assert last["bytes_done"] == last["bytes_total"] == weights
+    done = [e["files_done"] for e in events]
+    assert done == sorted(done) and done[0] == 0
+    assert any(0 < n < last["files_total"] for n in done)  # progress while it runs
+    assert len(events) <= 4 * seconds + 2  # throttled: at most ~4 a second
+    # the load events (components) follow the download ones
+    kinds = ["phase" in data for _n, data in hooks.named("model_loading")]
+    assert kinds == sorted(kinds, reverse=True)
+
+    fetched = hub.fetched()
+    assert not any(p.endswith(".bin") for p in fetched) and "README.md" not in fetched
+    assert set(fetched) == wanted
+    assert registry.available(record)
+
+    inputs = TaskInputManager(ModelRegistry(tmp_path / "models"), "tiny", "auto")
+    job = inputs.resolve(GenerateSpec(prompt="a fox in the snow", seed=7))
+    runtime = GenerationRuntime(manager, tmp_path / "out")
+    frames = runtime.generate_frames(pipe, job, JobControl(), RecordingHooks())
+    assert frames.dtype == np.uint8 and frames.shape == (job.frames, job.height, job.width, 3)
+
+    # A second cold load comes from the cache: no request at all, no download events.
+    manager.release()
+    before = len(hub.requests)
+    again = RecordingHooks()
+    manager.ensure(record, "float32", again)
+    assert hub.requests[before:] == [] and downloading(again) == []
+    assert again.named("model_loaded")
+
+
+def test_missing_repo_is_model_unavailable(hub: FakeHub, tmp_path) -> None:
+    registry = ModelRegistry(tmp_path / "models")
+    manager = ProductionManager(registry, device="cpu", allow_download=True)
+    with pytest.raises(JobFailure) as caught:
+        manager.ensure(registry.resolve("org/nothing-here"), "float32", RecordingHooks())
+    assert caught.value.kind == "ModelUnavailable"
+    assert "could not be downloaded" in str(caught.value)
+
+
+def test_no_download_when_downloads_are_off(hub: FakeHub, tmp_path) -> None:
+    registry = ModelRegistry(tmp_path / "models")
+    manager = ProductionManager(registry, device="cpu", allow_download=False)
+    hooks = RecordingHooks()
+    with pytest.raises(JobFailure) as caught:
+        manager.ensure(registry.resolve(REPO), "float32", hooks)
+    assert caught.value.kind == "ModelUnavailable" and "switched off" in caught.value.message
+    assert hub.fetched() == [] and downloading(hooks) == []
