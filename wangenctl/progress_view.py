@@ -117,19 +117,30 @@ class HumanEvents:
     def _loading(self, d: dict[str, Any]) -> None:
         """A model load: the first event is a line; the next ones (one per component
         read) move the job's bar by bytes, or make a line each where there is no bar."""
-        done, parts = int(d.get("components_loaded") or 0), int(d.get("components_total") or 0)
-        got, total = int(d.get("bytes_loaded") or 0), int(d.get("bytes_total") or 0)
-        if done == 0:
-            self._say(f"loading model {d.get('model')} on {d.get('device')}")
-        counted = f"{done}/{parts} parts, {_format_bytes(got)}/{_format_bytes(total)}"
+        if d.get("phase") == "downloading":
+            done, parts = int(d.get("files_done") or 0), int(d.get("files_total") or 0)
+            got, total = int(d.get("bytes_done") or 0), int(d.get("bytes_total") or 0)
+            phase = "downloading model"
+            first, last = done == 0 and got == 0, parts > 0 and done == parts
+            counted = f"{done}/{parts} files, {_format_bytes(got)}/{_format_bytes(total)}"
+        else:
+            done = int(d.get("components_loaded") or 0)
+            parts = int(d.get("components_total") or 0)
+            got, total = int(d.get("bytes_loaded") or 0), int(d.get("bytes_total") or 0)
+            phase = "loading model"
+            first, last = done == 0, done > 0
+            counted = f"{done}/{parts} parts, {_format_bytes(got)}/{_format_bytes(total)}"
+        if first:
+            self._say(f"{phase} {d.get('model')} on {d.get('device')}")
         if self._progress is None or self._current is None:
-            if done:
-                self._say(f"loading model {d.get('model')}: {counted} ({d.get('component')})")
+            if last:  # without a bar: a line per component read, or when a download ends
+                detail = f" ({d.get('component')})" if d.get("component") else ""
+                self._say(f"{phase} {d.get('model')}: {counted}{detail}")
             return
         job = self._current
-        self._phase[job] = "loading model"
+        self._phase[job] = phase
         fields = {
-            "phase": "loading model",
+            "phase": phase,
             "steps": counted if parts else "",
             "eta": "-",
             "preview": "",
