@@ -42,7 +42,6 @@ How to call it (the daemon builds one library and owns it):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -52,6 +51,8 @@ from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from msgspec import Struct
+
+from ..media.access import sha256_file
 
 __all__ = [
     "LORA_SUFFIXES",
@@ -342,10 +343,6 @@ class LoRALibrary:
         if cached is not None and cached[0] == stamp:
             return cached[1]
         self.stats["hashes"] += 1
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        value = digest.hexdigest()
+        value = sha256_file(path)
         self._hashes[str(path)] = (stamp, value)
         return value

@@ -11,7 +11,6 @@ the warning is logged here and listed in `plan()` (and in the output's metadata)
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 
 from ..config import MatAnyOneConfig
 from ..errors import InvalidParams
-from ..media.access import InputAccess
+from ..media.access import InputAccess, sha256_file
 from ..media.naming import check_output_name
 from ..protocol import MatAnyOneSpec, ResolvedMatAnyOne
 
@@ -90,14 +89,6 @@ def mask_warnings(mask_size: tuple[int, int], frame_size: tuple[int, int]) -> li
     ]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _existing_file(value: str, field: str, what: str) -> Path:
     path = Path(value).expanduser()
     if not path.is_file():
@@ -164,7 +155,7 @@ class MattingInputs:
             reattach_audio=spec.reattach_audio,
             output_name=output_name,
             metadata=spec.metadata or "embedded",
-            inputs_sha256={"input": _sha256(source), "mask": _sha256(mask_path)},
+            inputs_sha256={"input": sha256_file(source), "mask": sha256_file(mask_path)},
         )
 
     @staticmethod

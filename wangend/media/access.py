@@ -11,12 +11,23 @@ field and says which folders are allowed, never whether the file exists.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import InvalidParams
 
-__all__ = ["InputAccess"]
+__all__ = ["InputAccess", "sha256_file"]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks: what job records keep of each input
+    (media, LoRA files) so an output says exactly what it was made from."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class InputAccess:

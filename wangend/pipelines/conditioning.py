@@ -18,12 +18,13 @@ Images are read with Pillow, videos with PyAV. Everything is RGB.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 from msgspec import Struct
 from PIL import Image, ImageOps
+
+from ..media.access import sha256_file
 
 __all__ = [
     "MediaError",
@@ -49,14 +50,6 @@ class MediaInfo(Struct, frozen=True, kw_only=True):
     height: int
     frames: int  # 1 for an image
     fps: float = 0.0
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _probe_image(path: Path) -> MediaInfo:

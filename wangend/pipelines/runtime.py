@@ -319,10 +319,7 @@ class GenerationRuntime:
         def on_step_end(called: Any, i: int, _t: Any, tensors: dict) -> dict:
             done = skipped + i + 1
             preview = extras.after_step(called, i, done, job.steps, tensors)
-            if preview is None:
-                hooks.progress(done, job.steps, "denoising")
-            else:
-                hooks.progress(done, job.steps, "denoising", preview=preview)
+            hooks.progress(done, job.steps, "denoising", preview=preview)
             control.step_boundary(hooks, done, job.steps)
             return {}
 

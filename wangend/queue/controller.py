@@ -226,9 +226,13 @@ class QueueController:
 
     # --- reports from the worker (run on the loop thread) ------------------------------
 
-    def _on_progress(self, job_id: int, step: int, steps: int, phase: str) -> None:
-        progress = self.state.update(step, steps, phase)
-        self.publish("job.progress", job_id, msgspec.to_builtins(progress))
+    def _on_progress(
+        self, job_id: int, step: int, steps: int, phase: str, preview: dict | None = None
+    ) -> None:
+        data = msgspec.to_builtins(self.state.update(step, steps, phase))
+        if preview is not None:
+            data["preview"] = preview
+        self.publish("job.progress", job_id, data)
 
     def _on_paused(self, job_id: int, step: int, steps: int) -> None:
         self.store.transition(job_id, "paused", allowed_from=("running",))
@@ -479,15 +483,7 @@ class _LoopHooks:
     def progress(
         self, step: int, steps: int, phase: str, preview: dict[str, Any] | None = None
     ) -> None:
-        if preview is None:
-            anyio.from_thread.run_sync(self._c._on_progress, self._job, step, steps, phase)
-            return
-
-        def report() -> None:  # job.progress as _on_progress makes it, plus the preview
-            data = msgspec.to_builtins(self._c.state.update(step, steps, phase))
-            self._c.publish("job.progress", self._job, {**data, "preview": preview})
-
-        anyio.from_thread.run_sync(report)
+        anyio.from_thread.run_sync(self._c._on_progress, self._job, step, steps, phase, preview)
 
     def paused(self, step: int, steps: int) -> None:
         anyio.from_thread.run_sync(self._c._on_paused, self._job, step, steps)

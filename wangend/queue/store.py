@@ -21,7 +21,7 @@ import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 
@@ -124,6 +124,14 @@ UPSERT_META = (
     "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
 )
 DELETE_META = "DELETE FROM meta WHERE key = ?"
+
+
+def _refuse(db: sqlite3.Connection, job_id: int, rule: str) -> NoReturn:
+    """A guarded UPDATE matched no row: say why (no such job, or the state it is in)."""
+    row = db.execute(SELECT_STATE, (job_id,)).fetchone()
+    if row is None:
+        raise UnknownJob(job_id)
+    raise WrongState(f"job {job_id} is {row[0]}; {rule}", {"job": job_id, "state": row[0]})
 
 
 def either(states: Sequence[str]) -> str:
@@ -321,13 +329,7 @@ class JobStore:
         }
         with self.transaction() as db:
             if db.execute(TRANSITION, params).rowcount == 0:
-                row = db.execute(SELECT_STATE, (job_id,)).fetchone()
-                if row is None:
-                    raise UnknownJob(job_id)
-                raise WrongState(
-                    f"job {job_id} is {row[0]}; only a {either(allowed_from)} job can become {to}",
-                    {"job": job_id, "state": row[0]},
-                )
+                _refuse(db, job_id, f"only a {either(allowed_from)} job can become {to}")
         return self.get(job_id)
 
     def update_spec(self, job_id: int, spec: ResolvedJob) -> JobRecord:
@@ -336,13 +338,7 @@ class JobStore:
         params = {"id": job_id, "spec": msgspec.json.encode(spec).decode(), "now": time.time()}
         with self.transaction() as db:
             if db.execute(UPDATE_SPEC, params).rowcount == 0:
-                row = db.execute(SELECT_STATE, (job_id,)).fetchone()
-                if row is None:
-                    raise UnknownJob(job_id)
-                raise WrongState(
-                    f"job {job_id} is {row[0]}; only a running job's spec can change",
-                    {"job": job_id, "state": row[0]},
-                )
+                _refuse(db, job_id, "only a running job's spec can change")
         return self.get(job_id)
 
     def move(self, job_id: int, position: int) -> int:
