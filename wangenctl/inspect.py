@@ -31,7 +31,7 @@ from typing import Any
 
 import msgspec
 
-from wangend.protocol import GenerateSpec, MatAnyOneSpec, decode_job_spec
+from wangend.protocol import GenerateSpec, MatAnyOneSpec, decode_job_spec, decode_user_comment
 
 from .errors import WangenctlError
 
@@ -61,23 +61,6 @@ def _video_comment(path: Path) -> str | None:
         return {k.lower(): v for k, v in container.metadata.items()}.get("comment")
 
 
-def _user_comment(raw: bytes | str, little_endian: bool) -> str | None:
-    if isinstance(raw, str):
-        return raw
-    head, body = raw[:8], raw[8:]
-    if head.startswith(b"UNICODE"):
-        orders = ["utf-16-le", "utf-16-be"] if little_endian else ["utf-16-be", "utf-16-le"]
-        for encoding in orders:
-            try:
-                text = body.decode(encoding).rstrip("\0")
-            except UnicodeDecodeError:
-                continue
-            if text.lstrip().startswith("{"):
-                return text
-        return None
-    return body.decode("utf-8", errors="replace").rstrip("\0")
-
-
 def _image_text(path: Path) -> str | None:
     from PIL import Image
 
@@ -87,7 +70,8 @@ def _image_text(path: Path) -> str | None:
             return getattr(image, "text", {}).get(PNG_KEY)
         exif = image.getexif()
         raw = exif.get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT)
-        return None if raw is None else _user_comment(raw, getattr(exif, "endian", "<") != ">")
+        little = getattr(exif, "endian", "<") != ">"
+        return None if raw is None else decode_user_comment(raw, little)
 
 
 def _document(text: str | None) -> dict[str, Any] | None:

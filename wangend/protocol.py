@@ -67,10 +67,12 @@ __all__ = [
     "SubscribeResult",
     "ValidateResult",
     "decode_job_spec",
+    "decode_user_comment",
     "default_output_dir",
     "default_socket_path",
     "default_state_dir",
     "default_token_file",
+    "encode_user_comment",
 ]
 
 PROTOCOL_VERSION = 1
@@ -542,6 +544,40 @@ class PresetInfo(Struct, kw_only=True):
 class PresetsResult(Struct, kw_only=True):
     folders: list[str]
     presets: list[PresetInfo]
+
+
+# --- output metadata ------------------------------------------------------------------
+# JPEG and WebP outputs carry their settings document in EXIF UserComment. The daemon
+# writes it and wangenctl reads it back without the daemon, so the byte format is
+# defined here, once, as pure functions.
+
+
+def encode_user_comment(text: str) -> bytes:
+    """EXIF UserComment: an 8-byte charset id, then the text. Written with a little-endian
+    EXIF block (media/persistence.py write_image), so UTF-16-LE."""
+    return b"UNICODE\0" + text.encode("utf-16-le")
+
+
+def decode_user_comment(raw: bytes | str, little_endian: bool | None = None) -> str | None:
+    """The text of an EXIF UserComment, whatever charset id and byte order it uses."""
+    if isinstance(raw, str):
+        return raw
+    head, body = raw[:8], raw[8:]
+    if head.startswith(b"ASCII"):
+        return body.decode("ascii", errors="replace").rstrip("\0")
+    if head.startswith(b"UNICODE"):
+        orders = ["utf-16-le", "utf-16-be"]
+        if little_endian is False:
+            orders.reverse()
+        for encoding in orders:
+            try:
+                text = body.decode(encoding).rstrip("\0")
+            except UnicodeDecodeError:
+                continue
+            if text.lstrip().startswith("{"):
+                return text
+        return None
+    return body.decode("utf-8", errors="replace").rstrip("\0") if body else None
 
 
 # --- default locations ------------------------------------------------------------------

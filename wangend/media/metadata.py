@@ -34,7 +34,7 @@ import msgspec
 import numpy as np
 
 from .. import __version__
-from ..protocol import ResolvedJob
+from ..protocol import ResolvedJob, decode_user_comment, encode_user_comment
 
 __all__ = [
     "DOCUMENT_FORMAT",
@@ -135,34 +135,6 @@ class MetadataState(msgspec.Struct, frozen=True, kw_only=True):
 def sidecar_path(output: Path) -> Path:
     """`clip(2).mp4` -> `clip(2).json`: the sidecar of an output."""
     return output.with_suffix(".json")
-
-
-def encode_user_comment(text: str) -> bytes:
-    """EXIF UserComment: an 8-byte charset id, then the text. Written with a little-endian
-    EXIF block (see persistence.write_image), so UTF-16-LE."""
-    return b"UNICODE\0" + text.encode("utf-16-le")
-
-
-def decode_user_comment(raw: bytes | str, little_endian: bool | None = None) -> str | None:
-    """The text of an EXIF UserComment, whatever charset id and byte order it uses."""
-    if isinstance(raw, str):
-        return raw
-    head, body = raw[:8], raw[8:]
-    if head.startswith(b"ASCII"):
-        return body.decode("ascii", errors="replace").rstrip("\0")
-    if head.startswith(b"UNICODE"):
-        orders = ["utf-16-le", "utf-16-be"]
-        if little_endian is False:
-            orders.reverse()
-        for encoding in orders:
-            try:
-                text = body.decode(encoding).rstrip("\0")
-            except UnicodeDecodeError:
-                continue
-            if text.lstrip().startswith("{"):
-                return text
-        return None
-    return body.decode("utf-8", errors="replace").rstrip("\0") if body else None
 
 
 def _parse(text: str | None) -> dict[str, Any] | None:
