@@ -8,14 +8,13 @@ import io
 import json
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 from PIL import Image
 
 from ..adapters.lora_files import write_lora
 from ..support.harness import DaemonProcess
-from ..support.outputs import decode_frames
+from ..support.outputs import decode_frames, write_clip
 from ..support.wire import job_event
 
 TERMINAL = ("job.succeeded", "job.failed", "job.aborted")
@@ -42,16 +41,8 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     rng = np.random.default_rng(7)
     image = folder / "start frame.png"
     Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(image)
-    clip = folder / "clip.mp4"
-    with av.open(str(clip), "w") as out:
-        stream = out.add_stream("libx264", rate=8)
-        stream.width, stream.height, stream.pix_fmt = 32, 24, "yuv420p"
-        for i in range(6):
-            pixels = np.full((24, 32, 3), 40 * i, dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    ramp = np.stack([np.full((24, 32, 3), 40 * i, dtype=np.uint8) for i in range(6)])
+    clip = write_clip(folder / "clip.mp4", ramp)
     mask = folder / "mask.png"
     matte = np.zeros((24, 32), dtype=np.uint8)
     matte[6:18, 8:24] = 255

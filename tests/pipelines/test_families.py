@@ -23,6 +23,7 @@ from wangend.pipelines.registry import ModelRegistry
 from wangend.pipelines.runtime import GenerationRuntime, scheduler_for, to_uint8
 from wangend.protocol import GenerateSpec, ResolvedGenerate
 
+from ..support.outputs import write_clip
 from .conftest import RecordingHooks
 
 SIZE, FRAMES, STEPS = 32, 5, 2
@@ -36,18 +37,8 @@ def noise_image(path: Path, seed: int, size: tuple[int, int] = (SIZE, SIZE)) -> 
 
 def write_mp4(path: Path, frames: int, seed: int, grey: bool = False) -> Path:
     rng = np.random.default_rng(seed)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=8)
-        stream.width = stream.height = SIZE
-        stream.pix_fmt = "yuv420p"
-        for _ in range(frames):
-            pixels = rng.integers(0, 256, (SIZE, SIZE, 1 if grey else 3), np.uint8)
-            pixels = np.repeat(pixels, 3, axis=2) if grey else pixels
-            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    pixels = rng.integers(0, 256, (frames, SIZE, SIZE, 1 if grey else 3), np.uint8)
+    return write_clip(path, np.repeat(pixels, 3, axis=3) if grey else pixels)
 
 
 def decode(path: Path) -> list[Image.Image]:

@@ -1,4 +1,5 @@
-"""Read outputs back the way a user would: decode the mp4, list the folder."""
+"""Media for tests: read outputs back the way a user would (decode the mp4, list the
+folder), and write the small input clips the tests feed in."""
 
 from __future__ import annotations
 
@@ -26,3 +27,17 @@ def decode_frames(path: str | Path) -> tuple[np.ndarray, dict]:
 
 def files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def write_clip(path: Path, frames: np.ndarray, fps: int = 8) -> Path:
+    """(F, H, W, 3) uint8 frames as an H.264 mp4: an input video made in the test."""
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        for pixels in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path

@@ -11,14 +11,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import pytest
 from PIL import Image
 
 from ..adapters.lora_files import write_lora
 from ..support.harness import DaemonProcess
-from ..support.outputs import decode_frames
+from ..support.outputs import decode_frames, write_clip
 
 pytestmark = pytest.mark.slow
 
@@ -172,15 +171,7 @@ def test_previews_are_saved_while_following(daemon: DaemonProcess, tmp_path: Pat
 
 def test_matanyone_from_the_command_line(daemon: DaemonProcess, tmp_path: Path) -> None:
     clip, mask = tmp_path / "clip.mp4", tmp_path / "mask.png"
-    with av.open(str(clip), "w") as out:
-        stream = out.add_stream("libx264", rate=8)
-        stream.width, stream.height, stream.pix_fmt = 32, 24, "yuv420p"
-        for i in range(4):
-            frame = np.full((24, 32, 3), 50 * i, dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    write_clip(clip, np.stack([np.full((24, 32, 3), 50 * i, dtype=np.uint8) for i in range(4)]))
     matte = np.zeros((24, 32), dtype=np.uint8)
     matte[4:20, 8:24] = 255
     Image.fromarray(matte).save(mask)
