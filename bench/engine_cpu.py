@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from engine_common import FirstStepHooks as Hooks  # bench/ is on the path as a script
+from engine_common import psnr
 
 from wangend.pipelines.acceleration import EngineOptions
 from wangend.pipelines.control import JobControl
@@ -32,27 +34,6 @@ from wangend.pipelines.registry import ModelRegistry
 from wangend.pipelines.runtime import GenerationRuntime, scheduler_for, to_uint8
 from wangend.pipelines.tiny import ensure_tiny_model
 from wangend.protocol import GenerateSpec, ResolvedGenerate
-
-
-class Hooks:
-    """RunHooks that notes when the first denoising step ends."""
-
-    def __init__(self) -> None:
-        self.first_step: float | None = None
-
-    def progress(self, step: int, steps: int, phase: str, preview: Any = None) -> None:
-        if phase == "denoising" and step == 1 and self.first_step is None:
-            self.first_step = time.perf_counter()
-
-    def paused(self, step: int, steps: int) -> None: ...
-    def resumed(self, step: int, steps: int) -> None: ...
-    def model_loading(self, model: str, data: dict[str, Any]) -> None: ...
-    def model_loaded(self, model: str, data: dict[str, Any]) -> None: ...
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def median_time(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
@@ -140,7 +121,9 @@ def main() -> None:
     gpipe = group.ensure(record, EngineOptions(memory_profile="group"), Hooks())
     grt = GenerationRuntime(group, work / "out")
     ratio, _, frames = paired(
-        uncached, lambda: grt.generate_frames(gpipe, job, JobControl(), Hooks()), args.repeat
+        uncached,
+        lambda: grt.generate_frames(gpipe, job, JobControl(), Hooks()),
+        args.repeat,
     )
     rows.append(("memory_profile group / none", f"x{ratio:.2f} time, PSNR {psnr(frames, ref)}"))
     group.release()
@@ -150,7 +133,9 @@ def main() -> None:
     fpipe = fp8_manager.ensure(record, fp8, Hooks())
     frt = GenerationRuntime(fp8_manager, work / "out")
     ratio, _, frames = paired(
-        uncached, lambda: frt.generate_frames(fpipe, job, JobControl(), Hooks()), args.repeat
+        uncached,
+        lambda: frt.generate_frames(fpipe, job, JobControl(), Hooks()),
+        args.repeat,
     )
     rows.append(("fp8 storage / none", f"x{ratio:.2f} time, PSNR {psnr(frames, ref):.1f} dB"))
     fp8_manager.release()

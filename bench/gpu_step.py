@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from engine_common import FirstStepHooks as Hooks  # bench/ is on the path as a script
+from engine_common import psnr
 
 # transformer/config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers.
 WAN21_1_3B = dict(
@@ -86,25 +88,6 @@ def build_folder(folder: Path) -> None:
         ),
     )
     pipe.save_pretrained(folder, safe_serialization=True)
-
-
-class Hooks:
-    def __init__(self) -> None:
-        self.first_step: float | None = None
-
-    def progress(self, step: int, steps: int, phase: str, preview: Any = None) -> None:
-        if phase == "denoising" and step == 1 and self.first_step is None:
-            self.first_step = time.perf_counter()
-
-    def paused(self, step: int, steps: int) -> None: ...
-    def resumed(self, step: int, steps: int) -> None: ...
-    def model_loading(self, model: str, data: dict[str, Any]) -> None: ...
-    def model_loaded(self, model: str, data: dict[str, Any]) -> None: ...
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def timed(fn: Any) -> tuple[float, Any]:
