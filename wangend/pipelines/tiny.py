@@ -127,10 +127,16 @@ def _vae(wide: bool = False):
     ).eval()
 
 
-def _transformer(in_channels: int = 16, out_channels: int = 16, **extra: Any):
-    from diffusers import WanTransformer3DModel
+def _transformer(
+    in_channels: int = 16,
+    out_channels: int = 16,
+    kind: str = "WanTransformer3DModel",
+    **extra: Any,
+):
+    """The tiny Wan transformer (`kind`: its diffusers class; VACE adds its branch)."""
+    import diffusers
 
-    return WanTransformer3DModel(
+    return getattr(diffusers, kind)(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=12,
@@ -225,24 +231,7 @@ def _build_i2v(seed: int):
 
 
 def _tiny_vace_transformer() -> Any:
-    from diffusers import WanVACETransformer3DModel
-
-    return WanVACETransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=16,
-        out_channels=16,
-        text_dim=TEXT_DIM,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-        vace_layers=[0],
-        vace_in_channels=96,
-    ).eval()
+    return _transformer(kind="WanVACETransformer3DModel", vace_layers=[0], vace_in_channels=96)
 
 
 def _build_vace(seed: int):
