@@ -172,13 +172,22 @@ class PresetLibrary:
                     found.setdefault(stem, full)
         return found
 
-    def list(self) -> list[PresetInfo]:
-        infos = []
+    def scan(self) -> list[tuple[str, Path, Preset | PresetError]]:
+        """Every preset file, read once (one walk of the folders): its name, its path,
+        and the preset or why it cannot be used."""
+        found: list[tuple[str, Path, Preset | PresetError]] = []
         for name, path in sorted(self._files().items()):
             try:
-                preset = self.load(name)
+                found.append((name, path, _read(name, path)))
             except PresetError as exc:
-                infos.append(PresetInfo(name=name, path=str(path), error=str(exc)))
+                found.append((name, path, exc))
+        return found
+
+    def list(self) -> list[PresetInfo]:
+        infos = []
+        for name, path, preset in self.scan():
+            if isinstance(preset, PresetError):
+                infos.append(PresetInfo(name=name, path=str(path), error=str(preset)))
                 continue
             infos.append(
                 PresetInfo(
@@ -200,10 +209,14 @@ class PresetLibrary:
         if path is None:
             where = ", ".join(str(r) for r in self.roots) or "(no preset folders configured)"
             raise PresetError(f"no preset named {name!r} in {where}")
-        try:
-            if path.stat().st_size > MAX_PRESET_BYTES:
-                raise PresetError(f"preset {path.name} is larger than 1 MiB")
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise PresetError(f"preset {path.name} cannot be read: {exc.strerror}") from None
-        return parse_preset(stem, path, raw)
+        return _read(stem, path)
+
+
+def _read(name: str, path: Path) -> Preset:
+    try:
+        if path.stat().st_size > MAX_PRESET_BYTES:
+            raise PresetError(f"preset {path.name} is larger than 1 MiB")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PresetError(f"preset {path.name} cannot be read: {exc.strerror}") from None
+    return parse_preset(name, path, raw)

@@ -23,7 +23,7 @@ import msgspec
 
 from ..adapters.lora import LoRALibrary, size_hint
 from ..adapters.lora_injection import LoRAInjectionManager
-from ..adapters.presets import PresetLibrary
+from ..adapters.presets import PresetError, PresetLibrary
 from ..adapters.prompt_enhancer import PromptEnhancerBridge
 from ..adapters.requests import AdapterRequests
 from ..config import ServerConfig
@@ -38,7 +38,6 @@ from ..pipelines.runtime import GenerationRuntime
 from ..protocol import (
     JobSpec,
     LoraInfo,
-    LoraRef,
     LorasResult,
     ModelsResult,
     PresetInfo,
@@ -149,26 +148,14 @@ class Engine:
 
     def presets(self) -> PresetsResult:
         with self._lock:
-            infos = self.preset_library.list()
-            loaded = {}
-            for info in infos:
-                if info.error is None:
-                    try:
-                        loaded[info.name] = self.preset_library.load(info.name)
-                    except Exception:  # listed with its error below
-                        continue
+            scanned = self.preset_library.scan()
         presets = []
-        for info in infos:
-            preset = loaded.get(info.name)
-            presets.append(
-                PresetInfo(
-                    name=info.name,
-                    path=str(info.path),
-                    loras=list(preset.loras) if preset else [LoraRef(name=n) for n in info.loras],
-                    prompt=preset.prompt if preset else None,
-                    error=info.error,
-                )
-            )
+        for name, path, preset in scanned:
+            if isinstance(preset, PresetError):
+                presets.append(PresetInfo(name=name, path=str(path), error=str(preset)))
+            else:
+                loras, prompt = list(preset.loras), preset.prompt
+                presets.append(PresetInfo(name=name, path=str(path), loras=loras, prompt=prompt))
         return PresetsResult(folders=[str(r) for r in self.preset_library.roots], presets=presets)
 
     def reload(self, config: ServerConfig) -> list[str]:
