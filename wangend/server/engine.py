@@ -99,13 +99,10 @@ class Engine:
             self.generation, self.generation_inputs, self.matting, self.matting_inputs
         )
 
-    # --- what the queue needs ---------------------------------------------------------
-
-    @property
-    def worker(self) -> JobRouter:
-        return self.router
+    # --- what the queue needs: `router` runs jobs; this resolves them -----------------
 
     def resolve(self, spec: JobSpec) -> Any:
+        """The controller's Inputs: the router's resolve, under the libraries' lock."""
         with self._lock:
             return self.router.resolve(spec)
 
