@@ -27,7 +27,8 @@ import anyio.from_thread
 import torch
 
 from wangend.config import load_config
-from wangend.media.writers import write_video
+from wangend.media.metadata import MetadataState
+from wangend.media.persistence import MediaPersistenceContext, write_video
 from wangend.pipelines.runtime import to_uint8
 from wangend.server.daemon import Daemon
 
@@ -77,20 +78,21 @@ class Line:
 
 
 def direct_run(daemon: Daemon, seed: int, out: Path) -> float:
-    pipe = daemon.production.pipeline
+    pipe = daemon.engine.production.pipeline
     t0 = time.perf_counter()
     frames = pipe(
         prompt=SPEC["prompt"],
-        negative_prompt=daemon.registry.resolve("tiny").defaults.negative_prompt,
+        negative_prompt=daemon.engine.registry.resolve("tiny").defaults.negative_prompt,
         height=SPEC["height"],
         width=SPEC["width"],
         num_frames=SPEC["frames"],
         num_inference_steps=SPEC["steps"],
-        guidance_scale=daemon.registry.resolve("tiny").defaults.guidance_scale,
+        guidance_scale=daemon.engine.registry.resolve("tiny").defaults.guidance_scale,
         generator=torch.Generator("cpu").manual_seed(seed),
         output_type="np",
     ).frames[0]
-    write_video(to_uint8(frames), out, f"direct-{seed}", 16, {"seed": seed})
+    state = MetadataState(mode="embedded", document={"seed": seed})
+    write_video(to_uint8(frames), out, f"direct-{seed}", 16, MediaPersistenceContext(), state)
     return time.perf_counter() - t0
 
 
@@ -164,7 +166,7 @@ def main() -> None:
                 c.until(lambda e: e.get("job") == job and e["type"] == "job.aborted")
             return t1 - t0
 
-        blocks = len(daemon.production.pipeline.transformer.blocks)
+        blocks = len(daemon.engine.production.pipeline.transformer.blocks)
         step_s = (d * 0.7) / SPEC["steps"]
         abort_lat = [latency("abort", {}, "job.aborted", i) for i in range(5)]
         print(

@@ -1,5 +1,5 @@
-"""The first writer API (writers.write_video / read_video_metadata): videos round-trip
-through PyAV, names are never reused, temp files never stay."""
+"""Writing a video with the default settings and reading its metadata back: videos
+round-trip through PyAV, names are never reused, temp files never stay."""
 
 from __future__ import annotations
 
@@ -15,10 +15,19 @@ import numpy as np
 import pytest
 
 from wangend.errors import JobFailure
-from wangend.media import atomic
-from wangend.media.metadata import build_metadata
-from wangend.media.writers import read_video_metadata, write_video
+from wangend.media import atomic, persistence
+from wangend.media.metadata import MetadataState, build_metadata
+from wangend.media.writers import read_video_metadata
 from wangend.protocol import ResolvedGenerate
+
+
+def write_video(
+    frames: np.ndarray, folder: Path, stem: str, fps: int, metadata: dict | None = None
+) -> Path:
+    """The default writer (libx264, crf 18, yuv420p, mp4) with `metadata` embedded."""
+    state = MetadataState(mode="none" if metadata is None else "embedded", document=metadata or {})
+    ctx = persistence.MediaPersistenceContext()
+    return persistence.write_video(frames, Path(folder), stem, fps, ctx, state)[0]
 
 
 def gradient(frames: int = 9, height: int = 48, width: int = 64) -> np.ndarray:
