@@ -14,17 +14,15 @@ Prints figures; asserts nothing. Run: `.venv/bin/python bench/job_overhead.py`.
 from __future__ import annotations
 
 import argparse
-import json
-import socket
 import statistics
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import anyio.from_thread
 import torch
+from engine_common import Line  # bench/ is on the path when run as a script
 
 from wangend.config import load_config
 from wangend.media.metadata import MetadataState
@@ -33,48 +31,6 @@ from wangend.pipelines.runtime import to_uint8
 from wangend.server.daemon import Daemon
 
 SPEC = {"prompt": "a red fox in the snow", "width": 64, "height": 64, "frames": 9, "steps": 4}
-
-
-class Line:
-    """A minimal NDJSON client: what any script would write."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(path)
-        self.buf = b""
-        self.n = 0
-
-    def send(self, method: str, params: Any = None) -> int:
-        self.n += 1
-        msg = {"jsonrpc": "2.0", "id": self.n, "method": method}
-        if params is not None:
-            msg["params"] = params
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
-        return self.n
-
-    def read(self) -> dict:
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed")
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
-        return json.loads(line)
-
-    def call(self, method: str, params: Any = None) -> tuple[dict, list[dict]]:
-        rid = self.send(method, params)
-        events = []
-        while True:
-            msg = self.read()
-            if msg.get("id") == rid:
-                return msg, events
-            events.append(msg["params"])
-
-    def until(self, pred) -> tuple[dict, float]:
-        while True:
-            msg = self.read()
-            if msg.get("method") == "event" and pred(msg["params"]):
-                return msg["params"], time.perf_counter()
 
 
 def direct_run(daemon: Daemon, seed: int, out: Path) -> float:
