@@ -14,7 +14,7 @@ import torch
 
 from wangend.errors import JobFailure
 from wangend.pipelines.acceleration import EngineOptions, settle_options, transformers_of
-from wangend.pipelines.control import JobControl
+from wangend.pipelines.control import JobAborted, JobControl
 from wangend.pipelines.inputs import TaskInputManager
 from wangend.pipelines.production import ProductionManager
 from wangend.pipelines.registry import ModelRegistry
@@ -22,6 +22,11 @@ from wangend.pipelines.runtime import GenerationRuntime
 from wangend.protocol import GenerateSpec, ResolvedGenerate
 
 from .conftest import RecordingHooks
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * float(np.log10(255.0**2 / mse))
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +190,58 @@ def test_fp8_storage_runs_and_reloads(
     # float8 storage rounds the weights: the output moves, but stays a video of the
     # same prompt (mean absolute difference well below half the range).
     assert np.abs(frames.astype(int) - uncached[0].astype(int)).mean() < 64
+
+
+@pytest.fixture(scope="module")
+def compiled(registry: ModelRegistry) -> Iterator[ProductionManager]:
+    """A warm pipeline loaded with compile on (its own manager: a different load key)."""
+    production = ProductionManager(registry, device="cpu", allow_download=False)
+    yield production
+    production.release()
+
+
+def test_compile_gives_the_frames_of_the_eager_model(
+    compiled: ProductionManager, job: ResolvedGenerate, uncached: tuple[np.ndarray, int]
+) -> None:
+    frames, calls, notes, _ = run(compiled, job, EngineOptions(compile=True))
+    blocks = compiled.pipeline.transformer.blocks
+    # Each block's forward is the compiled one; its hooks (ours) run around it.
+    assert all(getattr(b.forward, "_torchdynamo_orig_callable", None) for b in blocks)
+    assert notes == [] and calls == uncached[1]
+    assert psnr(frames, uncached[0]) > 40.0
+
+
+def test_abort_lands_inside_a_compiled_transformer(
+    compiled: ProductionManager, job: ResolvedGenerate
+) -> None:
+    """diffusers' own regional compile traces block hooks into the graph, where the
+    abort hook cannot raise; compiling `forward` keeps it working at block granularity."""
+    options = EngineOptions(compile=True)
+    record = compiled.registry.resolve(job.model)
+    pipe = compiled.ensure(record, options, RecordingHooks())
+    runtime = GenerationRuntime(compiled, compiled.registry.models_dir)
+    control = JobControl()
+    done: list[bool] = []
+
+    def after_block(module: Any, args: Any, output: Any) -> None:
+        done.append(control.aborted)
+        if len(done) == 3:  # step 1, second pass, first block
+            control.request_abort()
+
+    handles = [b.register_forward_hook(after_block) for b in pipe.transformer.blocks]
+    try:
+        with pytest.raises(JobAborted), compiled.run_scope(pipe, options, steps=job.steps):
+            runtime.generate_frames(pipe, job, control, RecordingHooks())
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert sum(done) <= 1 and len(done) <= 4
+
+
+def test_compile_runs_with_a_cache_that_hooks_inside_the_blocks(
+    compiled: ProductionManager, job: ResolvedGenerate, uncached: tuple[np.ndarray, int]
+) -> None:
+    frames, calls, _, _ = run(compiled, job, EngineOptions(compile=True, step_cache="taylorseer"))
+    assert 0 < calls < uncached[1]
+    assert psnr(frames, uncached[0]) > 25.0
+    assert not compiled.pipeline.transformer.is_cache_enabled

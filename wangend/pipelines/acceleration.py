@@ -56,6 +56,7 @@ __all__ = [
     "RunReport",
     "apply_load_settings",
     "cache_config",
+    "compile_repeated_blocks",
     "run_settings",
     "settle_options",
     "transformers_of",
@@ -165,7 +166,8 @@ def transformers_of(pipe: Any) -> list[Any]:
 
 def apply_load_settings(pipe: Any, options: EngineOptions, device: str) -> None:
     """Put a freshly loaded pipeline on `device` the way `options` asks: fp8 storage
-    first (it must wrap the real weights), then placement, then compilation."""
+    first (it must wrap the real weights), then compilation (it must wrap the blocks' own
+    forward, before offload hooks wrap it in turn), then placement."""
     compute = getattr(torch, options.dtype)
     if options.fp8:
         for transformer in transformers_of(pipe):
@@ -174,6 +176,9 @@ def apply_load_settings(pipe: Any, options: EngineOptions, device: str) -> None:
             transformer.enable_layerwise_casting(
                 storage_dtype=torch.float8_e4m3fn, compute_dtype=compute
             )
+    if options.compile:
+        for transformer in transformers_of(pipe):
+            compile_repeated_blocks(transformer)
     profile = options.memory_profile
     if profile == "none":
         pipe.to(device)
@@ -192,9 +197,26 @@ def apply_load_settings(pipe: Any, options: EngineOptions, device: str) -> None:
             use_stream=device.startswith("cuda"),
             exclude_modules=["vae"],
         )
-    if options.compile:
-        for transformer in transformers_of(pipe):
-            transformer.compile_repeated_blocks(fullgraph=True)
+
+
+def compile_repeated_blocks(transformer: Any) -> int:
+    """Compile the `forward` of each repeated block (WanTransformerBlock); returns how many.
+
+    Regional compilation, like diffusers' `compile_repeated_blocks`, with two differences
+    that the daemon needs. diffusers compiles each block's `__call__`, which takes its
+    forward hooks into the graph: the abort/pause pre-hooks the runtime puts on every
+    block (they read a clock and raise) then break a full graph, and hooks added per
+    run would force a recompile per job. Compiling `forward` keeps those hooks in plain
+    Python around one compiled body that all blocks share (one graph, compiled once).
+    And `fullgraph` stays off: step caches (taylorseer, pab) and fp8 storage put hooks
+    inside the blocks that Dynamo cannot trace; with it off they split the graph around
+    themselves instead of failing the job.
+    """
+    names = getattr(transformer, "_repeated_blocks", None) or ()
+    blocks = [m for m in transformer.modules() if type(m).__name__ in names]
+    for block in blocks:
+        block.forward = torch.compile(block.forward, fullgraph=False)
+    return len(blocks)
 
 
 class MagRatioTable:
