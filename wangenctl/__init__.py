@@ -2,8 +2,10 @@
 
 The library is `wangenctl.client` (async, anyio): `connect()` yields a `Client` whose
 `call()` and typed methods speak JSON-RPC 2.0 to the daemon while `events()` streams what
-it pushes. The command line is `wangenctl.cli`. This package imports nothing at load time,
-so `import wangenctl.cli` stays fast; the names below load the client on first use.
+it pushes; `wangenctl.endpoint` finds the daemon and opens the byte stream, and
+`wangenctl.follower.EventFollower` follows events across reconnects. The command line is
+`wangenctl.cli`. This package imports nothing at load time, so `import wangenctl.cli`
+stays fast; the names below load the client on first use.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name == "EventFollower":
+        from . import follower
+
+        return follower.EventFollower
     if name in __all__:
         from . import client
 

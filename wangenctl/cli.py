@@ -81,7 +81,7 @@ def _options(
     ] = False,
 ) -> None:
     if url:
-        from .client import parse_url
+        from .endpoint import parse_url
 
         try:
             parse_url(url)
@@ -195,7 +195,8 @@ async def _follow(
     `client` must already be subscribed with `since`, so events published between that
     and now (the job's own `job.queued`) are not lost.
     """
-    from .client import EventFollower, RpcError, connect
+    from .client import RpcError, connect
+    from .follower import EventFollower
 
     story = _JobStory(job)
     ending: list[Event] = []
@@ -346,7 +347,7 @@ def watch(
     opts: Options = ctx.obj
 
     async def work(c: Client, out: Renderer) -> int:
-        from .client import EventFollower
+        from .follower import EventFollower
 
         subscribed = await c.subscribe()
         if job is not None:

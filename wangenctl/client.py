@@ -11,8 +11,9 @@ task owns the receiving side and routes each line: a reply wakes the call waitin
 id, an event goes into an unbounded stream that `events()` reads. So a caller can await a
 call while events pile up, and none is lost or mistaken for a reply.
 
-TCP and Unix sockets differ only in their `Transport` (how the byte stream is opened and
-whether the daemon wants a token); everything above works on any byte stream.
+Finding the daemon, reading the TCP token and opening the byte stream are endpoint.py's
+(TCP and Unix sockets differ only in their `Transport`); everything here works on any
+byte stream. Following a subscription across reconnects is follower.py's `EventFollower`.
 
 Errors (wangenctl.errors, re-exported here):
 
@@ -25,7 +26,6 @@ Errors (wangenctl.errors, re-exported here):
 
 from __future__ import annotations
 
-import abc
 import itertools
 import math
 import os
@@ -33,8 +33,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeVar
-from urllib.parse import urlsplit
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -42,7 +41,6 @@ import msgspec
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from wangend.protocol import (
-    DEFAULT_PORT,
     ClearResult,
     EnqueueResult,
     ErrorCode,
@@ -58,10 +56,16 @@ from wangend.protocol import (
     StatusResult,
     SubscribeResult,
     ValidateResult,
-    default_socket_path,
-    default_token_file,
 )
 
+from .endpoint import (
+    Endpoint,
+    Transport,
+    read_token,
+    resolve_endpoint,
+    resolve_token_file,
+    transport_for,
+)
 from .errors import (
     AuthError,
     DaemonUnavailable,
@@ -75,21 +79,10 @@ __all__ = [
     "AuthError",
     "Client",
     "DaemonUnavailable",
-    "Endpoint",
-    "EventFollower",
     "ProtocolError",
-    "Resolved",
     "RpcError",
-    "TcpTransport",
-    "Transport",
-    "UnixTransport",
     "WangenctlError",
     "connect",
-    "parse_url",
-    "read_token",
-    "resolve_endpoint",
-    "resolve_token_file",
-    "transport_for",
 ]
 
 T = TypeVar("T")
@@ -98,134 +91,6 @@ T = TypeVar("T")
 # client's cap is generous; it exists so a broken peer cannot make us buffer forever.
 MAX_INCOMING_LINE = 256 * 1024 * 1024
 CONNECT_TIMEOUT = 10.0
-
-# --- where the daemon is ----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """One address: `tcp://host:port` or `unix:///path`."""
-
-    scheme: Literal["tcp", "unix"]
-    host: str = ""
-    port: int = 0
-    path: str = ""
-
-    @property
-    def url(self) -> str:
-        if self.scheme == "unix":
-            return f"unix://{self.path}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"tcp://{host}:{self.port}"
-
-    def __str__(self) -> str:
-        return self.url
-
-
-def parse_url(url: str) -> Endpoint:
-    """`tcp://host[:port]`, `unix:///path`, or a bare socket path; ValueError otherwise."""
-    text = url.strip()
-    if not text:
-        raise ValueError("empty daemon URL")
-    if "://" not in text:
-        return Endpoint("unix", path=str(Path(text).expanduser()))
-    scheme, _, rest = text.partition("://")
-    scheme = scheme.lower()
-    if scheme == "unix":
-        if not rest:
-            raise ValueError(f"no socket path in {url!r}: use unix:///path/to/wangend.sock")
-        return Endpoint("unix", path=str(Path(rest).expanduser()))
-    if scheme == "tcp":
-        parts = urlsplit(text)
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ValueError(f"unexpected path in {url!r}: use tcp://host:port")
-        try:
-            port = parts.port
-        except ValueError:
-            raise ValueError(f"bad port in {url!r}: use tcp://host:port") from None
-        return Endpoint("tcp", host=parts.hostname or "127.0.0.1", port=port or DEFAULT_PORT)
-    raise ValueError(
-        f"unsupported scheme {scheme!r} in {url!r}: use tcp://host:port or unix:///path"
-    )
-
-
-class Resolved(NamedTuple):
-    endpoint: Endpoint
-    where: str  # what the error message says the client looked at
-
-
-def resolve_endpoint(url: str | None = None, env: Mapping[str, str] | None = None) -> Resolved:
-    """The explicit URL, else `$WANGEN_URL`, else the default Unix socket when it exists,
-    else TCP on 127.0.0.1 at the default port.
-
-    The socket is preferred because it needs no token and is private to the user; the
-    TCP fallback finds a daemon started with `--no-socket` or in another state dir.
-    """
-    env = os.environ if env is None else env
-    url = url or env.get("WANGEN_URL") or None
-    if url:
-        endpoint = parse_url(url)
-        return Resolved(endpoint, endpoint.url)
-    unix = Endpoint("unix", path=str(default_socket_path(env)))
-    if Path(unix.path).exists():
-        return Resolved(unix, unix.url)
-    tcp = Endpoint("tcp", host="127.0.0.1", port=DEFAULT_PORT)
-    return Resolved(tcp, f"{unix.url} or {tcp.url}")
-
-
-def resolve_token_file(
-    token_file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
-) -> Path:
-    """The explicit file, else `$WANGEN_TOKEN_FILE`, else `<state dir>/token`."""
-    if token_file:
-        return Path(token_file).expanduser()
-    return default_token_file(env)
-
-
-def read_token(path: Path) -> str:
-    try:
-        token = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        reason = exc.strerror.lower() if exc.strerror else type(exc).__name__
-        raise AuthError(
-            f"cannot read the token file {path} ({reason}); pass --token-file, "
-            "or use the Unix socket, which needs no token"
-        ) from None
-    if not token:
-        raise AuthError(f"the token file {path} is empty")
-    return token
-
-
-# --- transports ---------------------------------------------------------------------------
-
-
-class Transport(abc.ABC):
-    """How the byte stream to the daemon is opened. Everything else is shared."""
-
-    needs_auth: bool = False
-
-    def __init__(self, endpoint: Endpoint) -> None:
-        self.endpoint = endpoint
-
-    @abc.abstractmethod
-    async def open(self) -> anyio.abc.ByteStream: ...
-
-
-class TcpTransport(Transport):
-    needs_auth = True  # any local user can reach a TCP port; the token proves who calls
-
-    async def open(self) -> anyio.abc.ByteStream:
-        return await anyio.connect_tcp(self.endpoint.host, self.endpoint.port)
-
-
-class UnixTransport(Transport):
-    async def open(self) -> anyio.abc.ByteStream:
-        return await anyio.connect_unix(self.endpoint.path)
-
-
-def transport_for(endpoint: Endpoint) -> Transport:
-    return TcpTransport(endpoint) if endpoint.scheme == "tcp" else UnixTransport(endpoint)
-
 
 # --- wire envelopes ------------------------------------------------------------------------
 
@@ -516,117 +381,3 @@ async def connect(
             await stream.aclose()
     if body_error is not None:
         raise body_error
-
-
-# --- following events across reconnects ---------------------------------------------------
-
-
-class EventFollower:
-    """Hands every event of a subscription to `handle` once and in order, across reconnects.
-
-    When the connection drops (the daemon restarts, a subscriber is dropped for falling
-    behind), it reconnects and resubscribes with `since` = the last seq it delivered, so
-    the daemon's ring buffer fills the gap; replayed events it already delivered are
-    skipped. A restarted daemon numbers its events afresh, so then it replays everything
-    the new process holds. A daemon that was never reached fails at once (nothing to
-    resume); one that goes away is retried for `retry_for` seconds, and `on_notice` is
-    told why the stream paused so a person watching is not left guessing.
-    """
-
-    def __init__(
-        self,
-        url: str | None = None,
-        token_file: str | os.PathLike[str] | None = None,
-        *,
-        jobs: list[int] | None = None,
-        since: int | None = None,
-        env: Mapping[str, str] | None = None,
-        retry_for: float = 30.0,
-        on_notice: Callable[[str], None] | None = None,
-    ) -> None:
-        self.url = url
-        self.token_file = token_file
-        self.jobs = jobs
-        self.env = env
-        self.retry_for = retry_for
-        self.on_notice = on_notice or (lambda _text: None)
-        self.last_seq: int | None = since
-        self.reconnects = 0
-        self._pid: int | None = None  # the daemon process the sequence numbers belong to
-
-    async def run(self, handle: Callable[[Event], bool], client: Client | None = None) -> None:
-        """Deliver events until `handle` returns True.
-
-        `client`, when given, is a connection the caller has already subscribed (with
-        `since` = this follower's `since`); it is used first, so a caller can subscribe,
-        then enqueue, then follow without missing the events in between.
-        """
-        connected_once = client is not None
-        # Reconnect to the address that answered, not to a fresh default lookup: while
-        # the daemon restarts its socket file is briefly missing.
-        url = client.where if client is not None else self.url
-        lost_at: float | None = None
-        delay = 0.1
-        while True:
-            try:
-                if client is not None:
-                    first, client = client, None
-                    self._pid = (await first.status()).pid
-                    if await self._pump(first, handle):
-                        return
-                else:
-                    async with connect(url, self.token_file, env=self.env) as fresh:
-                        await self._subscribe(fresh)
-                        if lost_at is not None:
-                            self.reconnects += 1
-                            self.on_notice(f"reconnected to {fresh.where}")
-                        connected_once, lost_at, delay = True, None, 0.1
-                        url = fresh.where
-                        if await self._pump(fresh, handle):
-                            return
-            except DaemonUnavailable as exc:
-                if not connected_once:
-                    raise
-                now = anyio.current_time()
-                if lost_at is None:
-                    lost_at = now
-                    self.on_notice(f"{exc}; reconnecting")
-                elif now - lost_at >= self.retry_for:
-                    raise
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-
-    async def _subscribe(self, client: Client) -> None:
-        # Sequence numbers belong to one daemon process: after a restart they begin again
-        # at 1, so `since` from the old process would skip everything. A new pid (or a
-        # sequence behind ours) means "replay all the new process has".
-        status = await client.status()
-        restarted = self._pid is not None and status.pid != self._pid
-        if self.last_seq is not None and (restarted or status.last_seq < self.last_seq):
-            self.on_notice("the daemon restarted; catching up from its start")
-            self.last_seq = 0
-        self._pid = status.pid
-        result = await client.subscribe(since=self.last_seq, jobs=self.jobs)
-        if self.last_seq is None:
-            self.last_seq = result.last_seq
-        elif not result.complete:
-            self.on_notice(
-                f"the daemon no longer holds the events after #{self.last_seq}; "
-                "some progress was missed"
-            )
-
-    async def _pump(self, client: Client, handle: Callable[[Event], bool]) -> bool:
-        """True when `handle` asked to stop; raises DaemonUnavailable when the link ends."""
-        async for event in client.events():
-            if event.seq == 0:
-                # Out-of-sequence notices for this connection only.
-                if event.type == "subscription.dropped":
-                    self.on_notice("the daemon dropped this subscription; resubscribing")
-                    await self._subscribe(client)
-                continue
-            if self.last_seq is not None and event.seq <= self.last_seq:
-                continue  # already delivered before a reconnect
-            self.last_seq = event.seq
-            if handle(event):
-                return True
-        raise DaemonUnavailable(client.where, lost=True)

@@ -12,8 +12,9 @@ Where the document is (docs/outputs.md has the full format):
     any          a sidecar `<stem>.json` next to the file (mode "json"), or that file itself
 
 This reader is the client's own: wangenctl runs where the daemon's package may be
-installed without its media stack in mind, and imports only wangend.protocol, so the
-formats are read here with PyAV and Pillow directly (both are imported on use).
+installed without its media stack in mind, and imports only wangend.protocol and
+wangend.exif (the UserComment byte format), so the formats are read here with PyAV and
+Pillow directly (both are imported on use).
 
 `spec_from_settings` gives enqueue params that reproduce the output: the seed is kept; the
 prompt is the one the model was given (the enhanced one, when it was enhanced) with
@@ -31,7 +32,8 @@ from typing import Any
 
 import msgspec
 
-from wangend.protocol import GenerateSpec, MatAnyOneSpec, decode_job_spec, decode_user_comment
+from wangend.exif import decode_user_comment
+from wangend.protocol import GenerateSpec, MatAnyOneSpec, decode_job_spec
 
 from .errors import WangenctlError
 

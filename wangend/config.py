@@ -25,13 +25,8 @@ import msgspec
 import msgspec.inspect
 from msgspec import Meta, Struct
 
-from .protocol import (
-    DEFAULT_PORT,
-    MAX_LINE_BYTES,
-    default_output_dir,
-    default_socket_path,
-    default_state_dir,
-)
+from .locations import default_output_dir, default_socket_path, default_state_dir
+from .protocol import DEFAULT_PORT, MAX_LINE_BYTES
 
 __all__ = [
     "ConfigError",

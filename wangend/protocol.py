@@ -10,10 +10,7 @@ notifications `{"jsonrpc": "2.0", "method": "event", "params": <Event>}`.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from enum import IntEnum
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -67,12 +64,6 @@ __all__ = [
     "SubscribeResult",
     "ValidateResult",
     "decode_job_spec",
-    "decode_user_comment",
-    "default_output_dir",
-    "default_socket_path",
-    "default_state_dir",
-    "default_token_file",
-    "encode_user_comment",
 ]
 
 PROTOCOL_VERSION = 1
@@ -544,77 +535,3 @@ class PresetInfo(Struct, kw_only=True):
 class PresetsResult(Struct, kw_only=True):
     folders: list[str]
     presets: list[PresetInfo]
-
-
-# --- output metadata ------------------------------------------------------------------
-# JPEG and WebP outputs carry their settings document in EXIF UserComment. The daemon
-# writes it and wangenctl reads it back without the daemon, so the byte format is
-# defined here, once, as pure functions.
-
-
-def encode_user_comment(text: str) -> bytes:
-    """EXIF UserComment: an 8-byte charset id, then the text. Written with a little-endian
-    EXIF block (media/persistence.py write_image), so UTF-16-LE."""
-    return b"UNICODE\0" + text.encode("utf-16-le")
-
-
-def decode_user_comment(raw: bytes | str, little_endian: bool | None = None) -> str | None:
-    """The text of an EXIF UserComment, whatever charset id and byte order it uses."""
-    if isinstance(raw, str):
-        return raw
-    head, body = raw[:8], raw[8:]
-    if head.startswith(b"ASCII"):
-        return body.decode("ascii", errors="replace").rstrip("\0")
-    if head.startswith(b"UNICODE"):
-        orders = ["utf-16-le", "utf-16-be"]
-        if little_endian is False:
-            orders.reverse()
-        for encoding in orders:
-            try:
-                text = body.decode(encoding).rstrip("\0")
-            except UnicodeDecodeError:
-                continue
-            if text.lstrip().startswith("{"):
-                return text
-        return None
-    return body.decode("utf-8", errors="replace").rstrip("\0") if body else None
-
-
-# --- default locations ------------------------------------------------------------------
-# The daemon and the client must agree on these without talking, so they live here as
-# pure functions of the environment.
-
-
-def default_state_dir(env: Mapping[str, str] | None = None) -> Path:
-    env = os.environ if env is None else env
-    if env.get("WANGEN_STATE_DIR"):
-        return Path(env["WANGEN_STATE_DIR"]).expanduser()
-    base = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME", "~")) / ".local" / "state")
-    return Path(base).expanduser() / "wangend"
-
-
-def default_output_dir(env: Mapping[str, str] | None = None) -> Path:
-    env = os.environ if env is None else env
-    if env.get("WANGEN_OUTPUT_DIR"):
-        return Path(env["WANGEN_OUTPUT_DIR"]).expanduser()
-    base = env.get("XDG_VIDEOS_DIR") or str(Path(env.get("HOME", "~")) / "Videos")
-    return Path(base).expanduser() / "wangend"
-
-
-def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
-    """`$WANGEN_SOCKET`, else the state dir's `wangend.sock`.
-
-    The state dir rather than `$XDG_RUNTIME_DIR` so a daemon under systemd and a client
-    in a login shell agree whenever they agree on the state dir.
-    """
-    env = os.environ if env is None else env
-    if env.get("WANGEN_SOCKET"):
-        return Path(env["WANGEN_SOCKET"]).expanduser()
-    return default_state_dir(env) / "wangend.sock"
-
-
-def default_token_file(env: Mapping[str, str] | None = None) -> Path:
-    env = os.environ if env is None else env
-    if env.get("WANGEN_TOKEN_FILE"):
-        return Path(env["WANGEN_TOKEN_FILE"]).expanduser()
-    return default_state_dir(env) / "token"

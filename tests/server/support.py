@@ -17,9 +17,10 @@ import msgspec
 
 from wangend.errors import Unauthorized
 from wangend.protocol import AuthParams, OkResult, SubscribeParams
+from wangend.server.connection import Limits, Session
 from wangend.server.events import EventBus
 from wangend.server.jsonrpc import Dispatcher, Method
-from wangend.server.transport import Limits, Server, Session
+from wangend.server.transport import Server
 
 TOKEN = "sesame"
 

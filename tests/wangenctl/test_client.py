@@ -1,5 +1,7 @@
-"""The client library: where it looks for the daemon, how it pairs replies with calls
-while events stream in, how it fails, and how it resumes a subscription."""
+"""The client: how it pairs replies with calls while events stream in, and how it fails.
+
+Where it looks for the daemon is tested in test_endpoint.py, resuming a subscription in
+test_follower.py."""
 
 from __future__ import annotations
 
@@ -15,16 +17,11 @@ import pytest
 from wangenctl.client import (
     AuthError,
     DaemonUnavailable,
-    Endpoint,
-    EventFollower,
     ProtocolError,
     RpcError,
     connect,
-    parse_url,
-    resolve_endpoint,
-    resolve_token_file,
 )
-from wangend.protocol import DEFAULT_PORT, ErrorCode, Event, StatusResult
+from wangend.protocol import ErrorCode, Event, StatusResult
 
 from .fake_daemon import FakeConnection, FakeDaemon, Hangup, Reply, running
 
@@ -55,71 +52,6 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-# --- where the daemon is --------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("url", "expected"),
-    [
-        ("tcp://10.0.0.5:9000", Endpoint("tcp", host="10.0.0.5", port=9000)),
-        ("tcp://localhost", Endpoint("tcp", host="localhost", port=DEFAULT_PORT)),
-        ("TCP://[::1]:7871", Endpoint("tcp", host="::1", port=7871)),
-        ("unix:///run/wangend.sock", Endpoint("unix", path="/run/wangend.sock")),
-        ("/run/wangend.sock", Endpoint("unix", path="/run/wangend.sock")),
-    ],
-)
-def test_parse_url(url: str, expected: Endpoint) -> None:
-    assert parse_url(url) == expected
-
-
-def test_urls_print_back_as_urls() -> None:
-    assert parse_url("tcp://[::1]:7871").url == "tcp://[::1]:7871"
-    assert str(parse_url("/a/b.sock")) == "unix:///a/b.sock"
-
-
-def test_bare_path_expands_home(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HOME", "/home/ada")
-    assert parse_url("~/w.sock") == Endpoint("unix", path="/home/ada/w.sock")
-
-
-@pytest.mark.parametrize(
-    "url", ["", "http://host:80", "tcp://host:port", "tcp://host:1/path", "unix://"]
-)
-def test_bad_urls_are_refused_with_a_hint(url: str) -> None:
-    with pytest.raises(ValueError):
-        parse_url(url)
-
-
-def test_explicit_url_beats_environment(tmp_path: Path) -> None:
-    env = {"WANGEN_URL": "tcp://127.0.0.1:1", "WANGEN_STATE_DIR": str(tmp_path)}
-    assert resolve_endpoint("unix:///x.sock", env).endpoint == Endpoint("unix", path="/x.sock")
-    assert resolve_endpoint(None, env).endpoint == Endpoint("tcp", host="127.0.0.1", port=1)
-
-
-def test_default_prefers_the_socket_when_it_exists(tmp_path: Path) -> None:
-    env = {"WANGEN_STATE_DIR": str(tmp_path)}
-    sock = tmp_path / "wangend.sock"
-    missing = resolve_endpoint(None, env)
-    assert missing.endpoint == Endpoint("tcp", host="127.0.0.1", port=DEFAULT_PORT)
-    # The error message names both places it looked.
-    assert missing.where == f"unix://{sock} or tcp://127.0.0.1:{DEFAULT_PORT}"
-    sock.touch()
-    assert resolve_endpoint(None, env).endpoint == Endpoint("unix", path=str(sock))
-
-
-def test_wangen_socket_moves_the_default(tmp_path: Path) -> None:
-    sock = tmp_path / "elsewhere.sock"
-    sock.touch()
-    env = {"WANGEN_SOCKET": str(sock)}
-    assert resolve_endpoint(None, env).endpoint == Endpoint("unix", path=str(sock))
-
-
-def test_token_file_lookup(tmp_path: Path) -> None:
-    assert resolve_token_file("/t/a", {"WANGEN_TOKEN_FILE": "/t/b"}) == Path("/t/a")
-    assert resolve_token_file(None, {"WANGEN_TOKEN_FILE": "/t/b"}) == Path("/t/b")
-    assert resolve_token_file(None, {"WANGEN_STATE_DIR": str(tmp_path)}) == tmp_path / "token"
 
 
 # --- no daemon ------------------------------------------------------------------------
@@ -274,104 +206,6 @@ async def test_errors_from_the_body_are_not_wrapped(short_dir: Path) -> None:
     with running(FakeDaemon({}), unix=short_dir / "d.sock") as url, pytest.raises(KeyError):
         async with connect(url):
             raise KeyError("mine")
-
-
-# --- resuming a subscription --------------------------------------------------------------
-
-
-async def test_follower_resubscribes_with_since_and_skips_duplicates(short_dir: Path) -> None:
-    async def subscribe(conn: FakeConnection, params: dict[str, Any]) -> Any:
-        if conn.number == 1:
-
-            async def stream_then_drop() -> None:
-                await anyio.sleep(0.05)
-                for seq in (11, 12, 13):
-                    await conn.event(seq, "job.progress", 5, step=seq - 10, steps=5)
-                await conn.stream.aclose()  # the daemon restarts
-
-            conn.spawn(stream_then_drop)
-            return {"last_seq": 10, "replayed": 0, "complete": True}
-
-        async def replay() -> None:
-            await anyio.sleep(0.05)
-            # The ring buffer replays from `since`; 13 again must be skipped.
-            for seq in (13, 14):
-                await conn.event(seq, "job.progress", 5, step=seq - 10, steps=5)
-            await conn.event(15, "job.succeeded", 5, outputs=["/out/a.mp4"])
-
-        conn.spawn(replay)
-        return {"last_seq": 15, "replayed": 2, "complete": True}
-
-    same_process = {**STATUS, "last_seq": 15}
-    fake = FakeDaemon({"subscribe": subscribe, "status": lambda conn, p: _value(same_process)})
-    notices: list[str] = []
-    delivered: list[int] = []
-
-    def handle(event: Event) -> bool:
-        delivered.append(event.seq)
-        return event.type == "job.succeeded"
-
-    with running(fake, unix=short_dir / "d.sock") as url:
-        follower = EventFollower(url, on_notice=notices.append, retry_for=5)
-        with anyio.fail_after(10):
-            await follower.run(handle)
-    assert delivered == [11, 12, 13, 14, 15]
-    subscribes = [(n, p) for n, m, p in fake.calls if m == "subscribe"]
-    assert subscribes == [(1, {}), (2, {"since": 13})]
-    assert follower.reconnects == 1
-    assert any("reconnecting" in n for n in notices)
-
-
-async def test_follower_catches_up_from_the_start_after_a_restart(short_dir: Path) -> None:
-    """A restarted daemon numbers events from 1 again; `since` from before means nothing."""
-
-    async def status(conn: FakeConnection, params: dict[str, Any]) -> Any:
-        if conn.number == 1:
-            return {**STATUS, "pid": 100, "last_seq": 40}
-        return {**STATUS, "pid": 200, "last_seq": 2}
-
-    async def subscribe(conn: FakeConnection, params: dict[str, Any]) -> Any:
-        async def first_life() -> None:
-            await anyio.sleep(0.05)
-            await conn.event(41, "job.started", 5, attempt=1, model="tiny")
-            await conn.stream.aclose()
-
-        async def second_life() -> None:
-            await anyio.sleep(0.05)
-            await conn.event(1, "job.started", 5, attempt=2, model="tiny")
-            await conn.event(2, "job.progress", 5, step=1, steps=2, phase="denoising")
-            await conn.event(3, "job.succeeded", 5, outputs=["/out/5.mp4"])
-
-        conn.spawn(first_life if conn.number == 1 else second_life)
-        return {"last_seq": 40 if conn.number == 1 else 2, "replayed": 0, "complete": True}
-
-    fake = FakeDaemon({"status": status, "subscribe": subscribe})
-    delivered: list[tuple[int, str]] = []
-    notices: list[str] = []
-
-    def handle(event: Event) -> bool:
-        delivered.append((event.seq, event.type))
-        return event.type == "job.succeeded"
-
-    with running(fake, unix=short_dir / "d.sock") as url:
-        follower = EventFollower(url, jobs=[5], on_notice=notices.append, retry_for=5)
-        with anyio.fail_after(10):
-            await follower.run(handle)
-    assert delivered == [
-        (41, "job.started"),
-        (1, "job.started"),
-        (2, "job.progress"),
-        (3, "job.succeeded"),
-    ]
-    subscribes = [p for n, m, p in fake.calls if m == "subscribe"]
-    assert subscribes == [{"jobs": [5]}, {"since": 0, "jobs": [5]}]
-    assert any("restarted" in n for n in notices)
-
-
-async def test_follower_fails_at_once_when_there_never_was_a_daemon(short_dir: Path) -> None:
-    follower = EventFollower(f"unix://{short_dir}/none.sock", retry_for=30)
-    with anyio.fail_after(5), pytest.raises(DaemonUnavailable, match="wangend serve"):
-        await follower.run(lambda e: True)
 
 
 # --- helpers ---------------------------------------------------------------------------------

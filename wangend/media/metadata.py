@@ -34,7 +34,8 @@ import msgspec
 import numpy as np
 
 from .. import __version__
-from ..protocol import ResolvedJob, decode_user_comment, encode_user_comment
+from ..exif import decode_user_comment
+from ..protocol import ResolvedJob
 
 __all__ = [
     "DOCUMENT_FORMAT",
@@ -42,8 +43,6 @@ __all__ = [
     "PNG_KEY",
     "MetadataState",
     "build_metadata",
-    "decode_user_comment",
-    "encode_user_comment",
     "read_metadata",
     "sidecar_path",
 ]

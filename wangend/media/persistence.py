@@ -31,16 +31,11 @@ import numpy as np
 
 from ..config import MediaConfig
 from ..errors import JobFailure
+from ..exif import encode_user_comment
 from ..protocol import ResolvedGenerate, ResolvedMatAnyOne
 from .atomic import RetryPolicy, publish
 from .audio import AudioPlan, AudioWriter, plan_audio
-from .metadata import (
-    EXIF_IFD,
-    EXIF_USER_COMMENT,
-    PNG_KEY,
-    MetadataState,
-    encode_user_comment,
-)
+from .metadata import EXIF_IFD, EXIF_USER_COMMENT, PNG_KEY, MetadataState
 
 __all__ = [
     "MediaPersistenceContext",

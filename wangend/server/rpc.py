@@ -46,8 +46,8 @@ from .jsonrpc import Dispatcher, Method
 
 if TYPE_CHECKING:
     from ..queue.controller import QueueController
+    from .connection import Session
     from .events import EventBus
-    from .transport import Session
 
 __all__ = ["WRONG_TOKEN_DELAY", "Services", "build_dispatcher", "build_methods"]
 
