@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,6 +98,27 @@ def test_notifier_is_a_no_op_without_notify_socket() -> None:
 
 def test_notifier_survives_a_missing_socket(tmp_path: Path) -> None:
     assert not Notifier(str(tmp_path / "gone.sock")).watchdog()
+
+
+def test_notifier_drops_instead_of_blocking_when_nobody_reads(tmp_path: Path) -> None:
+    """A stalled service manager must not freeze the daemon's event loop: once the
+    notify socket's queue is full, sends return False at once."""
+    stalled = NotifyListener(tmp_path / "stalled.sock")  # bound, never read
+    notifier = Notifier(stalled.address)
+    results: list[bool] = []
+    sender = threading.Thread(
+        target=lambda: results.extend(notifier.watchdog() for _ in range(5000)), daemon=True
+    )
+    try:
+        sender.start()
+        sender.join(30)
+        assert not sender.is_alive(), "a send blocked on the full queue"
+        assert results[0] is True and results.count(False) > 0
+        stalled.wait_for("WATCHDOG", "1", timeout=5)  # what was queued still arrives
+        assert notifier.status("after")  # one read makes room: sending goes on
+    finally:
+        notifier.close()
+        stalled.close()
 
 
 def test_watchdog_interval_is_half_of_watchdog_usec_for_this_pid() -> None:

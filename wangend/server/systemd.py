@@ -56,14 +56,25 @@ class Notifier:
         return self.address is not None
 
     def send(self, *fields: str) -> bool:
-        """Send `KEY=value` fields in one datagram; False if it could not be sent."""
+        """Send `KEY=value` fields in one datagram; False if it could not be sent.
+
+        Never blocks: the daemon calls this on its event loop, and a blocking send to a
+        notify socket whose reader has stalled (its queue holds only
+        net.unix.max_dgram_qlen datagrams, 10 on some kernels) would freeze every client.
+        A full queue drops the message; the next status or watchdog ping follows soon.
+        """
         if self.address is None:
             return False
         message = "\n".join(f.replace("\n", " ") for f in fields).encode("utf-8")
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._sock = socket.socket(
+                    socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+                )
             self._sock.sendto(message, self.address)
+        except BlockingIOError:
+            log.debug("sd_notify queue at %r is full; dropped %s", self.address, fields[0])
+            return False
         except OSError as exc:  # systemd went away, or the socket is wrong: log, go on
             log.debug("sd_notify to %r failed: %s", self.address, exc)
             return False
