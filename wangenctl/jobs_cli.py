@@ -16,6 +16,7 @@ the resolved job shown, and nothing is queued.
 from __future__ import annotations
 
 import base64
+import os
 import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from .client import Client
     from .render import Renderer
 
-__all__ = ["parse_lora", "preview_file_name"]
+__all__ = ["model_argument", "parse_lora", "preview_file_name"]
 
 # The choices of the enumerated options come from the protocol's own types, so typer
 # refuses a misspelt value (exit 2, naming the choices) before the daemon is asked.
@@ -69,6 +70,24 @@ def parse_lora(text: str) -> dict[str, str]:
             param_hint="--lora",
         )
     return {"name": name, "multiplier": mult}
+
+
+def model_argument(model: str | None) -> str | None:
+    """A --model written as a local path ("./wan", "../models/wan", "~/wan", or
+    "models/wan" when that folder exists here) goes to the daemon absolute, like every
+    other path; names and hub ids ("tiny", "org/name") go as typed."""
+    if model is None:
+        return None
+    path = Path(os.path.expanduser(model))
+    if str(path).startswith("~"):
+        return model  # "~nobody/wan": the daemon says why it cannot expand it
+    if (
+        model.startswith(("./", "../", "~"))
+        or model in (".", "..")
+        or ("/" in model and path.is_dir())
+    ):
+        return os.path.abspath(path)
+    return model
 
 
 def _given(fields: dict[str, Any]) -> dict[str, Any]:
@@ -241,7 +260,7 @@ def submit(
     fields = _given(
         {
             "prompt": prompt,
-            "model": model,
+            "model": model_argument(model),
             "negative_prompt": negative,
             "width": width,
             "height": height,
@@ -384,7 +403,7 @@ def loras(
     """The LoRAs the daemon finds for a model (default: its default model)."""
 
     async def work(c: Client, out: Renderer) -> None:
-        out.loras(await c.loras(model, state))
+        out.loras(await c.loras(model_argument(model), state))
 
     _run(ctx, work)
 

@@ -65,7 +65,7 @@ def test_local_folders(registry: ModelRegistry, tiny_copy: Path) -> None:
     assert registry.resolve("dropped").source == str(registry.models_dir / "dropped")
 
 
-@pytest.mark.parametrize("name", ["nope", "a/b/c", "../x", "org/..", "relative/path/", ""])
+@pytest.mark.parametrize("name", ["nope", "a/b/c", "..x", "org/..", "relative/path/", ""])
 def test_unknown_names_say_what_was_tried(registry: ModelRegistry, name: str) -> None:
     with pytest.raises(ModelUnavailable) as info:
         registry.resolve(name)

@@ -19,7 +19,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from wangenctl.cli import app
-from wangenctl.jobs_cli import _PreviewSaver, parse_lora, preview_file_name
+from wangenctl.jobs_cli import _PreviewSaver, model_argument, parse_lora, preview_file_name
 from wangenctl.render import HumanRenderer, JsonRenderer, _without_preview_data
 from wangend.cli import app as wangend_app
 from wangend.cli import parse_since
@@ -78,6 +78,26 @@ def test_lora_takes_the_multiplier_after_the_last_colon(text: str, expected: dic
 def test_lora_text_that_is_no_name_and_multiplier_is_refused(text: str) -> None:
     with pytest.raises(typer.BadParameter, match="NAME:MULTIPLIER"):
         parse_lora(text)
+
+
+# --- --model: a local folder goes absolute, names and hub ids as typed -------------------------
+
+
+def test_a_model_folder_given_relative_reaches_the_daemon_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "models" / "my wan").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "models")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    wan = str(tmp_path / "models" / "my wan")
+    assert model_argument("./my wan") == wan
+    assert model_argument("../models/my wan/") == wan
+    assert model_argument("~/models/my wan") == wan
+    monkeypatch.chdir(tmp_path)
+    assert model_argument("models/my wan") == wan  # exists here: a folder, not a hub id
+    assert model_argument("./absent") == str(tmp_path / "absent")  # the daemon says it is not there
+    for typed in ("tiny", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "~nobody-by-this-name/wan", None):
+        assert model_argument(typed) == typed
 
 
 # --- refused before the daemon is asked (exit 2, no daemon needed) -----------------------

@@ -37,6 +37,15 @@ SUPPORTED_PIPELINES = (
 )
 # Component name -> how to check it. Anything else listed in model_index.json is a model.
 REQUIRED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+# What each pipeline's __init__ takes (diffusers' `_get_signature_keys`): an entry of
+# model_index.json outside these is never loaded, so a stray one is neither checked nor read.
+_WAN_PARTS = ("tokenizer", "text_encoder", "vae", "scheduler", "transformer", "transformer_2")
+PIPELINE_COMPONENTS: dict[str, tuple[str, ...]] = {
+    "WanPipeline": _WAN_PARTS,
+    "WanImageToVideoPipeline": (*_WAN_PARTS, "image_processor", "image_encoder"),
+    "WanVideoToVideoPipeline": _WAN_PARTS[:-1],
+    "WanVACEPipeline": _WAN_PARTS,
+}
 TINY_MARKER = "wangend-tiny.json"  # written by tiny.ensure_tiny_model
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Job fields that only some models take; every other field applies to all.

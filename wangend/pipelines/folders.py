@@ -1,6 +1,12 @@
 """What a diffusers folder (or a cached hub model) holds: its missing parts and its
 Wan family, read from its own files (model_index.json, the transformer's and VAE's
-configs). Cheap: stat calls and small JSON reads, so it runs on every enqueue.
+configs). Cheap: stat calls and small JSON reads, so it runs on every enqueue; reading
+the weights' headers (`damaged_weights`) waits for a load.
+
+Folders arrive the way users have them: a Hugging Face cache folder (`models--Org--Name`,
+snapshots of symlinks into `blobs/`) stands for the snapshot `refs/main` names; weights
+may be sharded or saved as a variant only (weights.py); model_index.json may list parts
+the pipeline class never takes, which are ignored as diffusers ignores them.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from pathlib import Path
 from .catalog import (
     FAMILY_BOUNDARY,
     FLF2V_CAPABILITIES,
+    PIPELINE_COMPONENTS,
     REQUIRED_COMPONENTS,
     WAN21_I2V,
     WAN21_T2V,
@@ -20,8 +27,22 @@ from .catalog import (
     WAN22_T2V,
     WAN22_TI2V,
 )
+from .weights import component_weights, cut_short
 
-__all__ = ["check_folder", "detect", "hub_cached", "hub_reader", "read_json"]
+# Components that are configuration files, not weights.
+CONFIG_ONLY = ("scheduler", "tokenizer", "image_processor")
+
+__all__ = [
+    "check_folder",
+    "damaged_weights",
+    "detect",
+    "hub_cached",
+    "hub_reader",
+    "is_model_folder",
+    "listed_components",
+    "read_json",
+    "snapshot_folder",
+]
 
 
 def read_json(path: Path) -> dict | None:
@@ -32,29 +53,55 @@ def read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _check_weights(folder: Path, name: str) -> list[str]:
-    """Problems with one model component: config and safetensors weights (sharded ones
-    through their index). Pickled `.bin` weights are never loaded, so they do not count."""
-    if not (folder / "config.json").is_file():
-        return [f"{name}/config.json"]
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    if indexes:
-        index = read_json(indexes[0]) or {}
-        shards = sorted(set((index.get("weight_map") or {}).values()))
-        if not shards:
-            return [f"{name}/{indexes[0].name} (unreadable or empty)"]
-        return [f"{name}/{shard}" for shard in shards if not (folder / shard).is_file()]
-    if any(folder.glob("*.safetensors")):
-        return []
-    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-        return [f"{name}/*.safetensors (only pickled weights, which wangend does not load)"]
-    return [f"{name}/*.safetensors"]
+def listed_components(index: dict) -> dict[str, tuple[str, str]]:
+    """name -> (library, class) for each component model_index.json lists with a class
+    (`[null, null]` means absent), in the file's order. For a pipeline wangend runs, only
+    the components its class takes: diffusers never loads another entry, so a stray one
+    (an old `safety_checker`, a `feature_extractor`) is neither checked nor read."""
+    pipeline = index.get("_class_name")
+    takes = PIPELINE_COMPONENTS.get(pipeline) if isinstance(pipeline, str) else None
+    listed: dict[str, tuple[str, str]] = {}
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list) or len(value) != 2:
+            continue
+        library, cls = value
+        if not (isinstance(library, str) and library and isinstance(cls, str) and cls):
+            continue
+        if takes is None or name in takes:
+            listed[name] = (library, cls)
+    return listed
 
 
-def _present(index: dict) -> set[str]:
-    """Components model_index.json lists with a class (`[null, null]` means absent)."""
-    listed = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list)}
-    return {k for k, v in listed.items() if len(v) == 2 and v[0] and v[1]}
+def is_model_folder(folder: Path) -> bool:
+    """A diffusers folder, or a Hugging Face cache folder of one (two stat calls)."""
+    return (folder / "model_index.json").is_file() or (folder / "snapshots").is_dir()
+
+
+def snapshot_folder(folder: Path) -> tuple[Path, str | None]:
+    """The folder a model is read from, and the problem when there is none to pick.
+
+    A folder with model_index.json is itself. A Hugging Face cache folder
+    (`models--Org--Name`, holding `refs/` and `snapshots/`, as huggingface_hub stores a
+    download) means the snapshot its `refs/main` names, or its only snapshot.
+    """
+    snapshots = folder / "snapshots"
+    if (folder / "model_index.json").is_file() or not snapshots.is_dir():
+        return folder, None
+    ref = folder / "refs" / "main"
+    if ref.is_file():
+        commit = ref.read_text(encoding="utf-8").strip()
+        if commit and (snapshots / commit).is_dir():
+            return snapshots / commit, None
+        return folder, (
+            f"refs/main names snapshot {commit or '(empty)'}, which is not in {snapshots}"
+        )
+    found = sorted(p.name for p in snapshots.iterdir() if p.is_dir())
+    if len(found) == 1:
+        return snapshots / found[0], None
+    return folder, (
+        f"a Hugging Face cache folder with no refs/main and {len(found)} snapshots "
+        f"({', '.join(found) or 'none'}); give the path of one snapshot instead"
+    )
 
 
 def check_folder(folder: Path) -> tuple[str | None, list[str]]:
@@ -64,13 +111,13 @@ def check_folder(folder: Path) -> tuple[str | None, list[str]]:
         return None, ["model_index.json"]
     pipeline = index.get("_class_name")
     missing: list[str] = []
-    present = _present(index)
+    listed = listed_components(index)
     for name in REQUIRED_COMPONENTS:
-        if name not in present:
+        if name not in listed:
             missing.append(f"{name} (not listed in model_index.json)")
-    if not present & {"transformer", "transformer_2"}:
+    if not listed.keys() & {"transformer", "transformer_2"}:
         missing.append("transformer (not listed in model_index.json)")
-    for name in sorted(present):
+    for name, (library, _cls) in sorted(listed.items()):
         sub = folder / name
         if not sub.is_dir():
             missing.append(f"{name}/ folder")
@@ -83,16 +130,36 @@ def check_folder(folder: Path) -> tuple[str | None, list[str]]:
         elif name == "image_processor":
             if not (sub / "preprocessor_config.json").is_file():
                 missing.append("image_processor/preprocessor_config.json")
+        elif not (sub / "config.json").is_file():
+            missing.append(f"{name}/config.json")
         else:
-            missing.extend(_check_weights(sub, name))
+            problem = component_weights(sub, name, library).problem
+            if problem:
+                missing.append(problem)
     return pipeline if isinstance(pipeline, str) else None, missing
+
+
+def damaged_weights(folder: Path) -> list[str]:
+    """`component/file: what is wrong` for each weights file that is shorter than its
+    header says (a partial download) or not safetensors at all. Reads every header, so
+    it runs before a load, not on every enqueue."""
+    index = read_json(folder / "model_index.json") or {}
+    damaged = []
+    for name, (library, _cls) in listed_components(index).items():
+        if name in CONFIG_ONLY:
+            continue
+        for path in component_weights(folder / name, name, library).files:
+            problem = cut_short(path)
+            if problem:
+                damaged.append(f"{name}/{path.name}: {problem}")
+    return damaged
 
 
 def detect(index: dict, read: Callable[[str], dict | None]) -> dict:
     """Family and model facts from a folder's model_index.json; `read("vae/config.json")`
     gives a component config (or None). Returns the family_record keyword arguments."""
     pipeline = index.get("_class_name")
-    present = _present(index)
+    present = listed_components(index)
     two = "transformer_2" in present
     main = read("transformer/config.json") or read("transformer_2/config.json") or {}
     vae = read("vae/config.json") or {}

@@ -16,8 +16,10 @@ the device instead of reading it from disk again.
 Loading reads the folder component by component (in model_index.json order), so
 `model.loading` events report components and bytes loaded so far (bytes: the sizes of
 each component's safetensors files). Every weight is read with safetensors only, so no
-pickle is ever unpickled. The local cache is tried first, the hub only when downloads are
-allowed (not under HF_HUB_OFFLINE). Every way a load can fail becomes
+pickle is ever unpickled; sharded and variant-only weights load as weights.py picks
+them, and each file's header is checked first, so a partial download fails naming its
+file. The local cache is tried first, the hub only when downloads are allowed (not
+under HF_HUB_OFFLINE). Every way a load can fail becomes
 `JobFailure("ModelUnavailable", <one sentence>)`; tracebacks stay in the log.
 
 How to call it::
@@ -53,8 +55,10 @@ from .acceleration import (
     settle_options,
 )
 from .control import RunHooks
+from .folders import damaged_weights, listed_components
 from .registry import ModelRecord, ModelRegistry, check_folder
 from .tiny import ensure_tiny_model
+from .weights import component_weights
 
 __all__ = ["DTYPES", "ProductionManager", "resolve_device", "resolve_dtype"]
 
@@ -110,18 +114,16 @@ def pipeline_bytes(pipe: Any) -> int:
     return total
 
 
-def component_plan(folder: Path) -> list[tuple[str, str, str, int]]:
-    """(name, library, class, safetensors bytes) per component, in model_index order."""
+def component_plan(folder: Path) -> list[tuple[str, str, str, str | None, int]]:
+    """(name, library, class, weights variant, safetensors bytes) per component the
+    pipeline takes, in model_index order. Sizes follow symlinks (a hub cache snapshot)
+    and count only the files the load reads (one variant, every shard)."""
     index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     plan = []
-    for name, value in index.items():
-        if name.startswith("_") or not isinstance(value, list) or len(value) != 2:
-            continue
-        library, cls = value
-        if not library or not cls:
-            continue
-        size = sum(f.stat().st_size for f in (folder / name).glob("*.safetensors"))
-        plan.append((name, library, cls, size))
+    for name, (library, cls) in listed_components(index).items():
+        weights = component_weights(folder / name, name, library)
+        size = sum(f.stat().st_size for f in weights.files if f.is_file())
+        plan.append((name, library, cls, weights.variant, size))
     return plan
 
 
@@ -314,6 +316,12 @@ class ProductionManager:
 
         name = record.name
         folder = self._folder(record, hooks, data)
+        damaged = damaged_weights(folder)
+        if damaged:
+            raise JobFailure(
+                "ModelUnavailable",
+                f"model {name} could not be loaded from {folder}: {'; '.join(damaged)}",
+            )
         plan = component_plan(folder)
         total = sum(size for *_, size in plan)
         progress = {
@@ -328,11 +336,13 @@ class ProductionManager:
         components: dict[str, Any] = {}
         try:
             try:
-                for index, (part, library, cls_name, size) in enumerate(plan, start=1):
+                for index, (part, library, cls_name, variant, size) in enumerate(plan, start=1):
                     # The VAE stays in float32 under half precision: Wan's VAE decodes
                     # visibly worse in bf16 and is small next to the transformer.
                     dtype = torch.float32 if part == "vae" else torch_dtype
-                    components[part] = _load_component(folder, part, library, cls_name, dtype)
+                    components[part] = _load_component(
+                        folder, part, library, cls_name, dtype, variant=variant
+                    )
                     progress.update(
                         component=part,
                         components_loaded=index,
@@ -469,8 +479,11 @@ def _download_snapshot(repo_id: str, name: str, hooks: RunHooks, data: dict[str,
     return Path(outcome["folder"])
 
 
-def _load_component(folder: Path, part: str, library: str, cls_name: str, dtype: Any) -> Any:
-    """One component from `folder/part`, safetensors only, never from the network."""
+def _load_component(
+    folder: Path, part: str, library: str, cls_name: str, dtype: Any, variant: str | None = None
+) -> Any:
+    """One component from `folder/part`, safetensors only (the `variant` files when
+    weights.py chose them), never from the network."""
     module = importlib.import_module(library)
     cls = getattr(module, cls_name, None)
     if cls is None and library == "transformers" and "Tokenizer" in cls_name:
@@ -482,4 +495,6 @@ def _load_component(folder: Path, part: str, library: str, cls_name: str, dtype:
         return cls.from_pretrained(sub, local_files_only=True)  # a tokenizer or processor
     if not issubclass(cls, torch.nn.Module):
         return cls.from_pretrained(sub)  # a scheduler: a JSON config
-    return cls.from_pretrained(sub, dtype=dtype, use_safetensors=True, local_files_only=True)
+    return cls.from_pretrained(
+        sub, dtype=dtype, use_safetensors=True, local_files_only=True, variant=variant
+    )

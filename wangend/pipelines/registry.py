@@ -6,8 +6,13 @@ A job names its model in one of four ways, tried in this order:
 1. a built-in name: a real Wan model ("wan2.1-t2v-1.3b", ..., "wan2.2-ti2v-5b", loaded
    from the hub cache) or a tiny offline one ("tiny", "tiny-i2v", ... built on first use);
 2. a diffusers folder dropped into the models directory, named by its folder name;
-3. an absolute path (or `~/...`) to a diffusers folder (one with model_index.json);
+3. a path to a diffusers folder (one with model_index.json): absolute, `~/...`, or
+   relative (`./wan`, `../wan`, or `models/wan` when that folder exists), read from the
+   daemon's working directory; jobs record it absolute;
 4. a Hugging Face hub id ("org/name"), loaded from the local cache or downloaded.
+
+Where a folder is expected, a Hugging Face cache folder (`models--Org--Name`) stands for
+the snapshot its refs/main names (folders.snapshot_folder).
 
 Anything else is refused at enqueue time with ModelUnavailable, and a local folder is
 checked for its parts then too, so a job never waits in the queue only to fail on a
@@ -23,7 +28,9 @@ through `WanVideoToVideoPipeline` built on the same loaded components.
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -47,7 +54,15 @@ from .catalog import (
     builtin_records,
     family_record,
 )
-from .folders import check_folder, detect, hub_cached, hub_reader, read_json
+from .folders import (
+    check_folder,
+    detect,
+    hub_cached,
+    hub_reader,
+    is_model_folder,
+    read_json,
+    snapshot_folder,
+)
 
 __all__ = [
     "CONDITIONAL_FIELDS",
@@ -85,12 +100,18 @@ class ModelRegistry:
         for record in self._builtins.values():
             if record.kind == "hub" and record.source == name:
                 return record
-        if name.startswith(("/", "~")):
-            return self._local(Path(name).expanduser(), name=str(Path(name).expanduser()))
+        path = written_path(name)
+        if path is not None:
+            return self._local(path, name=str(path))
         if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             folder = self.models_dir / name
-            if (folder / "model_index.json").is_file():
+            if is_model_folder(folder):
                 return self._local(folder, name=name)
+        if "/" in name and Path(name).is_dir():
+            # A folder relative to the working directory wins over a hub id of the same
+            # spelling, as in diffusers' own from_pretrained.
+            path = Path(os.path.abspath(name))
+            return self._local(path, name=str(path))
         if HUB_ID.match(name) and ".." not in name:
             return self._hub(name)
         raise ModelUnavailable(
@@ -118,6 +139,9 @@ class ModelRegistry:
         folder = folder.absolute()
         if not folder.is_dir():
             raise ModelUnavailable(f"model folder {folder} does not exist", {"model": name})
+        folder, problem = snapshot_folder(folder)
+        if problem:
+            raise ModelUnavailable(f"model folder {folder}: {problem}", {"model": name})
         pipeline, missing = check_folder(folder)
         if missing:
             raise ModelUnavailable(
@@ -159,26 +183,25 @@ class ModelRegistry:
 
     def list(self, default: str | None = None, loaded: str | None = None) -> list[ModelInfo]:
         """Built-in models, then folders in the models directory (broken ones included,
-        marked unavailable, so a user sees why their folder does not work)."""
+        marked unavailable, so a user sees why their folder does not work), then the
+        default and the loaded model when they are neither (a path or a hub id)."""
         entries = [(r, self.available(r)) for r in self._builtins.values()]
         if self.models_dir.is_dir():
             for folder in sorted(self.models_dir.iterdir()):
                 if folder.name.startswith(".") or folder.name in self._builtins:
                     continue
-                if not (folder / "model_index.json").is_file():
+                if not is_model_folder(folder):
                     continue
-                try:
-                    entries.append((self._local(folder, name=folder.name), True))
-                except ModelUnavailable as exc:
-                    broken = ModelRecord(
-                        name=folder.name,
-                        family="unknown",
-                        source=str(folder),
-                        kind="local",
-                        description=exc.message,
-                        defaults=WAN_1_3B_DEFAULTS,
-                    )
-                    entries.append((broken, False))
+                entries.append(
+                    self._entry(folder.name, str(folder), lambda f=folder: self._local(f, f.name))
+                )
+        if default:  # as jobs record it: "~/wan" is listed as /home/me/wan
+            default = self._entry(default, default, lambda: self.resolve(default))[0].name
+        names = {r.name for r, _ok in entries}
+        for extra in (default, loaded):
+            if extra and extra not in names:
+                entries.append(self._entry(extra, extra, lambda e=extra: self.resolve(e)))
+                names.add(extra)
         return [
             ModelInfo(
                 name=r.name,
@@ -193,3 +216,37 @@ class ModelRegistry:
             )
             for r, ok in entries
         ]
+
+    def _entry(
+        self, name: str, source: str, make: Callable[[], ModelRecord]
+    ) -> tuple[ModelRecord, bool]:
+        """(record, available) for the `models` listing; a model that does not resolve
+        is listed with the reason as its description."""
+        try:
+            record = make()
+        except ModelUnavailable as exc:
+            broken = ModelRecord(
+                name=name,
+                family="unknown",
+                source=source,
+                kind="local",
+                description=exc.message,
+                defaults=WAN_1_3B_DEFAULTS,
+            )
+            return broken, False
+        return record, self.available(record)
+
+
+def written_path(name: str) -> Path | None:
+    """`name` as an absolute path when it is written as a path: absolute, `~/...`, or
+    relative from `.` or `..` (read from the daemon's working directory, like the config's
+    other relative paths). Lexically normalised, symlinks kept: the name a job records."""
+    if not name.startswith(("/", "~", "./", "../")) and name not in (".", ".."):
+        return None
+    expanded = os.path.expanduser(name)
+    if expanded.startswith("~"):
+        raise ModelUnavailable(
+            f"model path {name!r}: cannot expand {name.split('/')[0]!r} (no such user)",
+            {"model": name},
+        )
+    return Path(os.path.abspath(expanded))

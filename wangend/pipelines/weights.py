@@ -1,0 +1,157 @@
+"""Which safetensors files one model component loads from, and whether they are whole.
+
+diffusers and transformers find weights by fixed names, not by any `*.safetensors`:
+`diffusion_pytorch_model` (diffusers models) or `model` (transformers models), then
+`.<variant>` when the folder was saved with `variant="fp16"` (or "bf16", ...), then
+`.safetensors`. A sharded checkpoint has an index instead (`<stem>.safetensors.index.json`,
+`<stem>.safetensors.index.<variant>.json`, or the older `<stem>.safetensors.<variant>.index.json`)
+whose `weight_map` names the shards. Reading the same names here means a folder that
+passes these checks is one `from_pretrained` reads, and one that fails is refused with
+the file it lacks, not with a loader's traceback.
+
+A component without plain weights loads its variant: that is what the folder's author
+shipped, and the dtype of the job is applied when it loads either way. With several
+variants the most precise one wins (fp32, bf16, fp16, then by name). Pickled weights
+(`.bin`, `.pt`, ...) never count: unpickling runs code, so wangend loads safetensors only.
+
+`cut_short(path)` reads a safetensors header (its first 8 bytes and a JSON table of
+tensor offsets) and compares the size it promises with the file's size: a partial
+download is caught before the loader meets it, and named. Every check follows symlinks,
+so a Hugging Face cache snapshot (links into `blobs/`) reads like a plain folder.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["ComponentWeights", "component_weights", "cut_short"]
+
+# The weights file stem each library's from_pretrained looks for.
+STEMS = {"diffusers": ("diffusion_pytorch_model",), "transformers": ("model",)}
+ANY_STEM = ("diffusion_pytorch_model", "model")
+VARIANT_ORDER = ("fp32", "bf16", "fp16")  # the most precise first
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
+
+
+@dataclass(frozen=True)
+class ComponentWeights:
+    """What `from_pretrained` will read for a component: `variant` to pass it (None for
+    the plain files), the files themselves, or `problem` saying what is wrong."""
+
+    variant: str | None = None
+    files: tuple[Path, ...] = ()
+    problem: str | None = None
+
+
+def _patterns(stems: tuple[str, ...]) -> tuple[re.Pattern[str], ...]:
+    stem = "|".join(re.escape(s) for s in stems)
+    return (
+        re.compile(rf"(?:{stem})\.safetensors\.index(?:\.(?P<variant>\w+))?\.json"),
+        re.compile(rf"(?:{stem})\.safetensors\.(?P<variant>\w+)\.index\.json"),  # older naming
+        re.compile(rf"(?:{stem})(?:\.(?P<variant>\w+))?\.safetensors"),
+    )
+
+
+def _variant_rank(variant: str | None) -> tuple[int, str]:
+    if variant is None:
+        return (0, "")
+    if variant in VARIANT_ORDER:
+        return (1 + VARIANT_ORDER.index(variant), variant)
+    return (1 + len(VARIANT_ORDER), variant)
+
+
+def _describe_missing(path: Path) -> str:
+    return " (a link to a missing file)" if path.is_symlink() else ""
+
+
+def _shards(folder: Path, name: str, index: Path) -> tuple[tuple[Path, ...], str | None]:
+    """The shards an index names, or the problem with them."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        shards = sorted({str(v) for v in (weight_map or {}).values()})
+    except (OSError, ValueError, AttributeError):
+        shards = []
+    if not shards:
+        return (), f"{name}/{index.name} (unreadable or names no shards)"
+    files = tuple(folder / shard for shard in shards)
+    lacking = [f"{name}/{f.name}{_describe_missing(f)}" for f in files if not f.is_file()]
+    return files, ", ".join(lacking) or None
+
+
+def component_weights(folder: Path, name: str, library: str) -> ComponentWeights:
+    """The safetensors files `folder` (the component called `name`, from `library`)
+    loads from: plain before a variant, an index before a single file for diffusers and
+    the other way round for transformers (each library's own order)."""
+    stems = STEMS.get(library, ANY_STEM)
+    try:
+        entries = sorted(p.name for p in folder.iterdir())
+    except OSError as exc:
+        return ComponentWeights(problem=f"{name}/ (unreadable: {exc.strerror})")
+    index_first = library != "transformers"
+    found: dict[str | None, list[tuple[int, str]]] = {}
+    for entry in entries:
+        for kind, pattern in enumerate(_patterns(stems)):
+            match = pattern.fullmatch(entry)
+            if match:
+                order = kind if index_first else -kind
+                found.setdefault(match["variant"], []).append((order, entry))
+                break
+    if found:
+        variant = min(found, key=_variant_rank)
+        chosen = folder / min(found[variant])[1]
+        if chosen.name.endswith(".json"):
+            files, problem = _shards(folder, name, chosen)
+            return ComponentWeights(variant=variant, files=files, problem=problem)
+        if not chosen.is_file():
+            return ComponentWeights(
+                variant=variant, problem=f"{name}/{chosen.name}{_describe_missing(chosen)}"
+            )
+        return ComponentWeights(variant=variant, files=(chosen,))
+    expected = f"{stems[0]}.safetensors"
+    pickled = [e for e in entries if e.endswith(PICKLED)]
+    if pickled:
+        return ComponentWeights(
+            problem=f"{name}/*.safetensors (only pickled weights, {', '.join(pickled)}; "
+            "wangend loads safetensors only and never unpickles)"
+        )
+    other = [e for e in entries if e.endswith(".safetensors")]
+    if other:
+        return ComponentWeights(
+            problem=f"{name}/*.safetensors (no {expected}; {', '.join(other)} is not a name "
+            f"{library} loads)"
+        )
+    return ComponentWeights(problem=f"{name}/*.safetensors (no {expected} and no shard index)")
+
+
+def cut_short(path: Path) -> str | None:
+    """None when the safetensors file holds every byte its header promises, else what is
+    wrong with it (a partial download is the usual cause)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            head = handle.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if length < 0 or length > MAX_HEADER_BYTES or 8 + length > size:
+                return f"cut short or not safetensors ({size} bytes, no complete header)"
+            header = json.loads(handle.read(length))
+        end = max(
+            (
+                int(entry["data_offsets"][1])
+                for key, entry in header.items()
+                if key != "__metadata__"
+            ),
+            default=0,
+        )
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "not a safetensors file (its header does not parse)"
+    expected = 8 + length + end
+    if size < expected:
+        return f"cut short: {size} of {expected} bytes (an unfinished download?)"
+    return None
