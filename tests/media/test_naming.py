@@ -97,3 +97,11 @@ def test_length_is_capped_in_bytes() -> None:
 def test_empty_values_fall_back() -> None:
     assert render("{prompt}", make_job(prompt="!!!")) == "prompt"
     assert render("{model}", make_job(model="org/Some Model")) == "Some-Model"
+
+
+def test_a_hub_cache_snapshot_is_named_for_its_repository() -> None:
+    snapshot = "/home/me/.cache/huggingface/hub/models--Wan-AI--Wan2.1-T2V-1.3B-Diffusers"
+    commit = "/snapshots/0f3a9c1e5b7d2a4c6e8f0a1b3c5d7e9f1a2b3c4d/"
+    assert render("{model}", make_job(model=snapshot + commit)) == "Wan2.1-T2V-1.3B-Diffusers"
+    assert render("{model}", make_job(model=snapshot)) == "Wan2.1-T2V-1.3B-Diffusers"
+    assert render("{model}", make_job(model="/models/snapshots/v2")) == "v2"

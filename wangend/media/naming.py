@@ -146,8 +146,20 @@ def sanitise(text: str, limit: int | None = None) -> str:
     return text.strip(".-_")
 
 
+def model_label(model: str) -> str:
+    """The short name of a model for file names: a hub id's or folder's last part, and
+    for a Hugging Face cache snapshot (`models--Org--Name/snapshots/<commit>`) the
+    repository's name rather than the 40-hex commit."""
+    parts = model.rstrip("/\\").replace("\\", "/").split("/")
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3].split("--")[-1]
+    if parts[-1].startswith("models--"):
+        return parts[-1].split("--")[-1]
+    return parts[-1]
+
+
 def _values(job: ResolvedJob, job_id: int) -> dict[str, str]:
-    model = job.model.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+    model = model_label(job.model)
     if isinstance(job, ResolvedMatAnyOne):
         model = PurePath(model).stem if "." in model else model
         prompt, steps = PurePath(job.input).stem, job.frames

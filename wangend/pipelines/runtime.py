@@ -69,10 +69,15 @@ def scheduler_for(scheduler: Any, flow_shift: float) -> Any:
 
     Fresh per run, so no step index or solver history leaks from an aborted run. UniPC
     (what Wan checkpoints ship) calls the value `flow_shift`, FlowMatchEuler `shift`.
+    A FlowMatchEuler saved with `use_dynamic_shifting` (as Flux-style folders are) wants
+    a resolution-dependent `mu` that Wan pipelines never pass; the job's static shift
+    replaces it, so such a folder runs instead of failing at its first step.
     """
     config = dict(scheduler.config)
     key = "flow_shift" if "flow_shift" in config else "shift" if "shift" in config else None
-    overrides = {key: flow_shift} if key else {}
+    overrides: dict[str, Any] = {key: flow_shift} if key else {}
+    if config.get("use_dynamic_shifting"):
+        overrides["use_dynamic_shifting"] = False
     return type(scheduler).from_config(config, **overrides)
 
 
