@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from wangend.errors import JobFailure
-from wangend.pipelines.control import JobControl
+from wangend.pipelines.control import JobAborted, JobControl
 from wangend.pipelines.inputs import TaskInputManager
 from wangend.pipelines.production import ProductionManager
 from wangend.pipelines.registry import ModelRegistry
@@ -121,3 +121,31 @@ def test_no_download_when_downloads_are_off(hub: FakeHub, tmp_path) -> None:
         manager.ensure(registry.resolve(REPO), "float32", hooks)
     assert caught.value.kind == "ModelUnavailable" and "switched off" in caught.value.message
     assert hub.fetched() == [] and downloading(hooks) == []
+
+
+def test_abort_stops_a_download_and_the_next_load_resumes_it(hub: FakeHub, tmp_path) -> None:
+    """An abort lands while the files are still coming (not once the whole model is in);
+    the cache keeps what it has and the next job's load completes the download."""
+    registry = ModelRegistry(tmp_path / "models")
+    record = registry.resolve(REPO)
+    manager = ProductionManager(registry, device="cpu", allow_download=True)
+    control = JobControl()
+
+    class AbortOnFirstDownloadEvent(RecordingHooks):
+        def model_loading(self, model: str, data: dict) -> None:
+            super().model_loading(model, data)
+            if data.get("phase") == "downloading":
+                control.request_abort()
+
+    hooks = AbortOnFirstDownloadEvent()
+    with pytest.raises(JobAborted):
+        manager.ensure(record, "float32", hooks, control.check_abort)
+    events = downloading(hooks)
+    assert events[-1]["files_done"] < (events[-1].get("files_total") or 2)
+    assert manager.loaded_model is None and not hooks.named("model_loaded")
+    assert not registry.available(record)
+
+    again = RecordingHooks()
+    manager.ensure(record, "float32", again)
+    assert again.named("model_loaded") and registry.available(record)
+    assert downloading(again)[-1]["files_done"] == downloading(again)[-1]["files_total"]

@@ -19,7 +19,7 @@ each component's safetensors files). Every weight is read with safetensors only,
 pickle is ever unpickled; sharded and variant-only weights load as weights.py picks
 them, and each file's header is checked first, so a partial download fails naming its
 file. The local cache is tried first, the hub only when downloads are allowed (not
-under HF_HUB_OFFLINE). Every way a load can fail becomes
+under HF_HUB_OFFLINE; hub.py downloads). Every way a load can fail becomes
 `JobFailure("ModelUnavailable", <one sentence>)`; tracebacks stay in the log.
 
 How to call it::
@@ -35,10 +35,9 @@ import gc
 import importlib
 import json
 import os
-import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -54,8 +53,9 @@ from .acceleration import (
     run_settings,
     settle_options,
 )
-from .control import RunHooks
+from .control import JobAborted, RunHooks
 from .folders import damaged_weights, listed_components
+from .hub import download_snapshot
 from .registry import ModelRecord, ModelRegistry, check_folder
 from .tiny import ensure_tiny_model
 from .weights import component_weights
@@ -184,9 +184,20 @@ class ProductionManager:
         """The concrete dtype a job runs in ("auto" -> this manager's default)."""
         return self._dtype if dtype == "auto" else resolve_dtype(dtype, self._device)
 
-    def ensure(self, record: ModelRecord, options: EngineOptions | str, hooks: RunHooks) -> Any:
+    def ensure(
+        self,
+        record: ModelRecord,
+        options: EngineOptions | str,
+        hooks: RunHooks,
+        checkpoint: Callable[[], None] = lambda: None,
+    ) -> Any:
         """The warm pipeline for `record` set up as `options` asks, loading it if needed.
-        A plain dtype string (the older call) means default options in that dtype."""
+        A plain dtype string (the older call) means default options in that dtype.
+
+        `checkpoint` (a job's `JobControl.check_abort`) is called while a download runs
+        and between components: an abort raises JobAborted within a quarter second of a
+        download (which stops at its next chunk; the hub cache resumes it later) or after
+        the component being read, instead of once the whole model is in."""
         if isinstance(options, str):
             options = EngineOptions(dtype=self.job_dtype(options))
         options, _notes = settle_options(options, self._device)
@@ -212,7 +223,7 @@ class ProductionManager:
             pipe.to(self._device)
             data["reason"] = "unpark"
         else:
-            pipe = self._load(record, options, hooks, data)
+            pipe = self._load(record, options, hooks, data, checkpoint)
         self._pipe, self._key, self._model = pipe, key, record.name
         hooks.model_loaded(
             record.name, {**data, "seconds": round(time.perf_counter() - started, 3)}
@@ -256,14 +267,20 @@ class ProductionManager:
         del pipe
         _free_device_memory()
 
-    def _folder(self, record: ModelRecord, hooks: RunHooks, data: dict[str, Any]) -> Path:
+    def _folder(
+        self,
+        record: ModelRecord,
+        hooks: RunHooks,
+        data: dict[str, Any],
+        checkpoint: Callable[[], None],
+    ) -> Path:
         """The local diffusers folder to load `record` from, downloading if allowed."""
         name = record.name
         if record.tiny:
             folder = Path(record.source)
             ensure_tiny_model(folder.parent, name=folder.name)
         if record.kind == "hub":
-            return self._hub_folder(record, hooks, data)
+            return self._hub_folder(record, hooks, data, checkpoint)
         folder = Path(record.source)
         if not folder.is_dir():
             raise JobFailure("ModelUnavailable", f"model {name}: folder {folder} is gone")
@@ -275,7 +292,13 @@ class ProductionManager:
             )
         return folder
 
-    def _hub_folder(self, record: ModelRecord, hooks: RunHooks, data: dict[str, Any]) -> Path:
+    def _hub_folder(
+        self,
+        record: ModelRecord,
+        hooks: RunHooks,
+        data: dict[str, Any],
+        checkpoint: Callable[[], None],
+    ) -> Path:
         """The cached snapshot of a hub model, downloaded (with "downloading" progress
         events) when it is not complete in the cache and downloads are allowed."""
         import diffusers
@@ -297,11 +320,13 @@ class ProductionManager:
                 "Face cache and downloading is switched off",
             ) from problem
         try:
-            folder = _download_snapshot(record.source, record.name, hooks, data)
+            folder = download_snapshot(record.source, record.name, hooks, data, checkpoint)
             missing = check_folder(folder)[1]
             if missing:
                 raise FileNotFoundError(f"the hub repo lacks {', '.join(missing)}")
             return folder
+        except JobAborted:
+            raise
         except Exception as exc:
             raise JobFailure(
                 "ModelUnavailable",
@@ -310,12 +335,17 @@ class ProductionManager:
             ) from exc
 
     def _load(
-        self, record: ModelRecord, options: EngineOptions, hooks: RunHooks, data: dict[str, Any]
+        self,
+        record: ModelRecord,
+        options: EngineOptions,
+        hooks: RunHooks,
+        data: dict[str, Any],
+        checkpoint: Callable[[], None],
     ) -> Any:
         import diffusers
 
         name = record.name
-        folder = self._folder(record, hooks, data)
+        folder = self._folder(record, hooks, data, checkpoint)
         damaged = damaged_weights(folder)
         if damaged:
             raise JobFailure(
@@ -337,6 +367,7 @@ class ProductionManager:
         try:
             try:
                 for index, (part, library, cls_name, variant, size) in enumerate(plan, start=1):
+                    checkpoint()
                     # The VAE stays in float32 under half precision: Wan's VAE decodes
                     # visibly worse in bf16 and is small next to the transformer.
                     dtype = torch.float32 if part == "vae" else torch_dtype
@@ -353,7 +384,7 @@ class ProductionManager:
                 pipe = pipeline_cls.from_pretrained(
                     folder, **components, local_files_only=True, use_safetensors=True
                 )
-            except OOM_ERRORS:
+            except (JobAborted, *OOM_ERRORS):
                 raise
             except Exception as exc:
                 raise JobFailure(
@@ -373,110 +404,6 @@ class ProductionManager:
             ) from exc
         pipe.set_progress_bar_config(disable=True)
         return pipe
-
-
-# Never fetched: pickled weights (never loaded here) and other frameworks' formats.
-HUB_IGNORE = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.msgpack", "*.h5", "*.onnx", "*.pb"]
-DOWNLOAD_EVENT_SECONDS = 0.25  # at most ~4 "downloading" events a second
-
-
-class _DownloadCounts:
-    """Files and bytes done so far, fed from huggingface_hub's download threads."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.files_done = 0
-        self.files_total: int | None = None
-        self.bytes_done = 0
-        self.bytes_total = 0
-
-    def snapshot(self) -> dict[str, int]:
-        with self.lock:
-            counts = {"files_done": self.files_done, "bytes_done": self.bytes_done}
-            if self.files_total is not None:
-                counts["files_total"] = self.files_total
-            if self.bytes_total:
-                counts["bytes_total"] = self.bytes_total
-            return counts
-
-
-def _progress_class(counts: _DownloadCounts) -> type:
-    """A tqdm class for snapshot_download that shows nothing and counts into `counts`:
-    the bar without a byte unit counts files, the byte bar other than the network
-    transfer one counts bytes written (its total grows as each file starts)."""
-    from huggingface_hub.utils import tqdm as hf_tqdm
-
-    class _Progress(hf_tqdm):  # type: ignore[misc,valid-type]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            name, desc = kwargs.get("name") or "", kwargs.get("desc") or ""
-            if kwargs.get("unit", "it") != "B":
-                self._kind = "files"
-            elif name.endswith(".transfer") or desc.startswith("Downloading"):
-                self._kind = "transfer"
-            else:
-                self._kind = "bytes"
-            kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
-            if self._kind == "files" and kwargs.get("total") is not None:
-                with counts.lock:
-                    counts.files_total = int(kwargs["total"])
-
-        def update(self, n: float | None = 1) -> bool | None:
-            with counts.lock:
-                if self._kind == "files":
-                    counts.files_done += int(n or 0)
-                elif self._kind == "bytes":
-                    counts.bytes_done += int(n or 0)
-                    counts.bytes_total = max(int(self.total or 0), counts.bytes_done)
-            return None
-
-        def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
-            pass
-
-    return _Progress
-
-
-def _download_snapshot(repo_id: str, name: str, hooks: RunHooks, data: dict[str, Any]) -> Path:
-    """Download what a diffusers load of `repo_id` reads (model_index.json and every
-    component folder, safetensors only) into the HF cache, reporting `model.loading`
-    events with phase "downloading" from this thread, at most ~4 a second."""
-    from huggingface_hub import hf_hub_download, snapshot_download
-
-    index_path = hf_hub_download(repo_id, "model_index.json")
-    index = json.loads(Path(index_path).read_text(encoding="utf-8"))
-    parts = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)]
-    allow = ["model_index.json", *(f"{part}/*" for part in parts)]
-    counts = _DownloadCounts()
-    outcome: dict[str, Any] = {}
-
-    def fetch() -> None:
-        try:
-            outcome["folder"] = snapshot_download(
-                repo_id,
-                allow_patterns=allow,
-                ignore_patterns=HUB_IGNORE,
-                tqdm_class=_progress_class(counts),
-            )
-        except BaseException as exc:  # re-raised on the calling thread
-            outcome["error"] = exc
-
-    def emit(progress: dict[str, int]) -> None:
-        hooks.model_loading(name, {**data, "phase": "downloading", **progress})
-
-    emit({"files_done": 0})
-    worker = threading.Thread(target=fetch, name=f"download {repo_id}", daemon=True)
-    worker.start()
-    last: dict[str, int] = {"files_done": 0}
-    while worker.is_alive():
-        worker.join(DOWNLOAD_EVENT_SECONDS)
-        progress = counts.snapshot()
-        if worker.is_alive() and progress != last:
-            emit(progress)
-            last = progress
-    if "error" in outcome:
-        raise outcome["error"]
-    emit(counts.snapshot())
-    return Path(outcome["folder"])
 
 
 def _load_component(

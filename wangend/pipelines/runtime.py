@@ -241,7 +241,7 @@ class GenerationRuntime:
         control.check_abort()
         options = EngineOptions.from_job(job, self.production.job_dtype(job.dtype))
         started = time.perf_counter()
-        pipe = self.production.ensure(record, options, hooks)
+        pipe = self.production.ensure(record, options, hooks, control.check_abort)
         timings = {"load": time.perf_counter() - started}
         control.check_abort()
         if job.loras and self.loras is None:
