@@ -38,6 +38,20 @@ def test_eta_is_unknown_until_a_step_is_timed_then_follows_the_step_time() -> No
     assert tracker.running.progress.phase == "decoding"
 
 
+def test_one_slow_first_step_does_not_inflate_the_eta() -> None:
+    """A compile (or kernel autotuning) makes the first step take a minute; the steps
+    after it take a second, and so should the ETA say as soon as they dominate."""
+    clock = Clock()
+    tracker = tracking(clock)
+    tracker.update(0, 50, "denoising")
+    clock.now += 60.0
+    tracker.update(1, 50, "denoising")
+    for step in (2, 3):
+        clock.now += 1.0
+        eta = tracker.update(step, 50, "denoising").eta
+    assert eta == pytest.approx(47.0)  # 1 s x 47 left (the mean would say 21 s/step)
+
+
 def test_a_hold_never_counts_as_step_time() -> None:
     clock = Clock()
     tracker = tracking(clock)

@@ -9,6 +9,7 @@ restarts. Nothing here touches the event loop or the store, so it is tested alon
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable
@@ -70,9 +71,11 @@ class QueueStateTracker:
     def update(self, step: int, steps: int, phase: str) -> Progress:
         """Record a progress report from the worker and return it with an ETA.
 
-        ETA = mean seconds per step over the recent steps x steps left, while
-        denoising. None until one step has been timed (a guess would be worse than
-        nothing) and outside denoising (loading and decoding do not scale with steps).
+        ETA = median seconds per step over the recent steps x steps left, while
+        denoising. The median, because the first step at a size can be many times the
+        rest (a compile, kernel autotuning) and must not inflate the ETA for the next
+        eight. None until one step has been timed (a guess would be worse than nothing)
+        and outside denoising (loading and decoding do not scale with steps).
         """
         job = self.running
         if job is None:
@@ -84,8 +87,7 @@ class QueueStateTracker:
             job.last_step, job.last_step_at = step, now
         eta = None
         if phase == "denoising" and job.step_seconds:
-            mean = sum(job.step_seconds) / len(job.step_seconds)
-            eta = round(mean * max(steps - step, 0), 3)
+            eta = round(statistics.median(job.step_seconds) * max(steps - step, 0), 3)
         job.progress = Progress(step=step, steps=steps, phase=phase, eta=eta)
         return job.progress
 
