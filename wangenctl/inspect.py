@@ -88,6 +88,13 @@ def _document(text: str | None) -> dict[str, Any] | None:
     return None
 
 
+def _reason(exc: Exception) -> str:
+    """Why a file could not be read, in words: "Invalid data found when processing
+    input", not PyAV's "[Errno 1094995529] ...: 'clip.mp4'" (the path is said already)."""
+    strerror = getattr(exc, "strerror", None)  # OSError's and av.FFmpegError's
+    return strerror if isinstance(strerror, str) and strerror else str(exc)
+
+
 def read_settings(path: Path | str) -> dict[str, Any]:
     """The metadata document of a wangend output (its `settings` key holds the resolved
     job). Raises NoSettings, naming the file, when there is none or it cannot be read."""
@@ -96,6 +103,8 @@ def read_settings(path: Path | str) -> dict[str, Any]:
         raise NoSettings(f"{path}: no such file")
     suffix = path.suffix.lower()
     text: str | None = None
+    sidecar = path.with_suffix(".json")
+    reading = path
     try:
         if suffix == ".json":
             text = path.read_text(encoding="utf-8")
@@ -103,12 +112,12 @@ def read_settings(path: Path | str) -> dict[str, Any]:
             text = _video_comment(path)
         elif suffix in IMAGE_SUFFIXES:
             text = _image_text(path)
+        document = _document(text)
+        if document is None and suffix != ".json" and sidecar.is_file():
+            reading = sidecar
+            document = _document(sidecar.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise NoSettings(f"{path}: cannot be read ({exc})") from None
-    document = _document(text)
-    sidecar = path.with_suffix(".json")
-    if document is None and suffix != ".json" and sidecar.is_file():
-        document = _document(sidecar.read_text(encoding="utf-8"))
+        raise NoSettings(f"{reading}: cannot be read ({_reason(exc)})") from None
     if document is None:
         raise NoSettings(
             f"{path} carries no wangend settings (none embedded and no {sidecar.name} "

@@ -184,8 +184,12 @@ def submit(
     prompt: Annotated[str | None, typer.Argument(help="what the video shows")] = None,
     model: Annotated[str | None, typer.Option(help="registry name, hub id or folder")] = None,
     negative: Annotated[str | None, typer.Option(help="negative prompt")] = None,
-    width: Annotated[int | None, typer.Option(help="pixels, a multiple of 16")] = None,
-    height: Annotated[int | None, typer.Option(help="pixels, a multiple of 16")] = None,
+    width: Annotated[
+        int | None, typer.Option(help="pixels, a multiple of 16 (32 for Wan 2.2 TI2V)")
+    ] = None,
+    height: Annotated[
+        int | None, typer.Option(help="pixels, a multiple of 16 (32 for Wan 2.2 TI2V)")
+    ] = None,
     frames: Annotated[int | None, typer.Option(help="frame count, 4k+1")] = None,
     steps: Annotated[int | None, typer.Option(help="denoising steps")] = None,
     guidance: Annotated[float | None, typer.Option(help="guidance scale")] = None,

@@ -6,8 +6,8 @@ command.
 
 People (`HumanRenderer`): data on stdout (a job id, output paths, tables), progress and
 notices on stderr. So `JOB=$(wangenctl submit ...)` captures the id and
-`wangenctl submit --follow ... > paths.txt` captures only the paths, while the terminal
-still shows the bars. Live bars need a terminal; elsewhere (logs, pipes) each phase
+`wangenctl submit --follow ... > out.txt` captures the id, then the paths, while the
+terminal still shows the bars. Live bars need a terminal; elsewhere (logs, pipes) each phase
 change is one plain line (progress_view.py draws both).
 
 Programs (`JsonRenderer`): every result, record and event is one compact JSON object

@@ -27,13 +27,18 @@ from .config import (
 )
 from .logs import setup_logging
 
+# Plain help and errors, as wangenctl's: typer's rich mode would box a usage error,
+# keep the docstrings' hard line breaks, and show every flag as taking a `<bool>`.
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="wangend: the Wan video generation daemon.",
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
-config_app = typer.Typer(no_args_is_help=True, help="Check or show the effective config.")
+config_app = typer.Typer(
+    no_args_is_help=True, help="Check or show the effective config.", rich_markup_mode=None
+)
 app.add_typer(config_app, name="config")
 
 ConfigOpt = Annotated[

@@ -8,7 +8,8 @@
     ├── ModelUnavailable        -32004  unknown model, or its files are missing/partial
     ├── ShuttingDown            -32005  the daemon is stopping and takes no new work
     ├── RequestTooLarge         -32006  a line over the size cap; the connection closes
-    └── InvalidInput            -32007  an input file is missing or unreadable
+    └── InvalidInput            -32007  reserved; input files are refused as InvalidParams,
+                                        which names the field
     JobFailure                  raised inside a run; becomes the job's `error`, never an RPC error
 
 The transport translates these at one boundary (server/rpc.py). Messages are single

@@ -1,6 +1,7 @@
-"""Stopping the real daemon with a job running: the grace period, a second signal, and
-the restart that picks the job up again. Outcomes are read from the queue database
-after the process has exited, so nothing the daemon says about itself is taken on trust.
+"""Starting and stopping the real daemon: a start refused for a bad value, and a stop
+with a job running (the grace period, a second signal, and the restart that picks the
+job up again). Outcomes are read from the queue database after the process has exited,
+so nothing the daemon says about itself is taken on trust.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from ..support.harness import DaemonProcess
 from ..support.wire import WireClient, job_event, progressed
@@ -41,6 +43,22 @@ def wait_running(client: WireClient, job: int, timeout: float = 60.0) -> None:
             return
         time.sleep(0.05)
     raise TimeoutError(f"job {job} did not start running")
+
+
+@pytest.mark.parametrize("device", ["gpu0", "cuda"])
+def test_a_device_this_machine_cannot_give_is_one_line_and_exit_2(
+    tmp_path: Path, device: str
+) -> None:
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    daemon = DaemonProcess(tmp_path, "--device", device)
+    code, output = daemon.run_until_exit()
+    assert code == 2, output
+    assert "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, output
+    assert "invalid value for device" in errors[0] and device in errors[0]
+    assert not daemon.state_dir.exists()  # refused before anything was created
 
 
 def test_stop_grace_second_signal_and_restart(tmp_path: Path) -> None:

@@ -72,6 +72,7 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 class RecordingHooks:
     def __init__(self) -> None:
         self.events: list[tuple[str, Any]] = []
+        self.model_data: list[dict[str, Any]] = []  # what each model event carried
 
     def progress(self, step: int, steps: int, phase: str, preview: Any = None) -> None:
         self.events.append(("progress", (step, steps, phase)))
@@ -84,9 +85,11 @@ class RecordingHooks:
 
     def model_loading(self, model: str, data: dict[str, Any]) -> None:
         self.events.append(("loading", model))
+        self.model_data.append(data)
 
     def model_loaded(self, model: str, data: dict[str, Any]) -> None:
         self.events.append(("loaded", model))
+        self.model_data.append(data)
 
 
 @pytest.fixture

@@ -100,6 +100,18 @@ def test_network_is_kept_warm_between_runs(media: dict[str, Path], tmp_path: Pat
     assert len(list((tmp_path / "mask_outputs").glob("*.mp4"))) == 2  # (2) suffix, no overwrite
 
 
+def test_model_events_name_the_device_and_why(media: dict[str, Path], tmp_path: Path) -> None:
+    """As a generation's load events do: wangenctl prints "loading model tiny on cpu" from them."""
+    runtime = MattingRuntime(tmp_path, "tiny", "cpu")
+    first, second = RecordingHooks(), RecordingHooks()
+    runtime.run(1, job_for(media, end_frame=2), JobControl(), first)
+    loading, loaded = first.model_data
+    assert loading["device"] == loaded["device"] == "cpu"
+    assert loading["reason"] == "cold"
+    runtime.network("tiny", 5, second)  # another seed of the tiny weights: a new network
+    assert second.model_data[0]["reason"] == "switch"
+
+
 def test_abort_between_frames_writes_nothing(media: dict[str, Path], tmp_path: Path) -> None:
     control = JobControl()
 

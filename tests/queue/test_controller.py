@@ -449,6 +449,26 @@ async def test_stop_finish_lets_the_job_end_and_graceful_requeues_a_held_one(
     assert store.get(held).state == "succeeded" and store.get(held).attempts == 1
 
 
+async def test_a_stop_that_outlasts_its_timeout_says_the_job_is_still_awaited(
+    controller: QueueController,
+    recorder: Recorder,
+    store: JobStore,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`shutdown --finish` on a long job: stop returns after its timeout, but the job
+    runs on and its outcome is recorded, so the log must not say it was given up."""
+    job = controller.enqueue(spec(steps=30)).job
+    with caplog.at_level(logging.WARNING, logger="wangend.queue.controller"):
+        async with anyio.create_task_group() as tg:
+            await tg.start(controller.run)
+            await recorder.wait_for(on("job.progress", job, 1))
+            await controller.stop("finish", timeout=0.001)
+            await recorder.wait_for(ended(job))
+    assert store.get(job).state == "succeeded"
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"job {job} has not ended" in warning and "the daemon exits when it ends" in warning
+
+
 async def test_a_restart_recovers_interrupted_jobs_and_keeps_the_queue_paused(
     store: JobStore,
     runtime: GenerationRuntime,

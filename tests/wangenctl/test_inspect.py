@@ -49,8 +49,13 @@ def test_files_without_settings(tmp_path: Path) -> None:
         read_settings(plain)
     garbage = tmp_path / "broken.mp4"
     garbage.write_bytes(b"not a video at all")
-    with pytest.raises(NoSettings, match=r"broken\.mp4: cannot be read"):
+    with pytest.raises(NoSettings, match=r"broken\.mp4: cannot be read") as refused:
         read_settings(garbage)
+    assert "Errno" not in str(refused.value) and str(refused.value).count("broken.mp4") == 1
+    sidecar = tmp_path / "bare.json"
+    sidecar.write_bytes(b"\xff\xfe not UTF-8")
+    with pytest.raises(NoSettings, match=r"bare\.json: cannot be read"):
+        read_settings(bare)
     with pytest.raises(WangenctlError, match="no such file"):
         read_settings(tmp_path / "missing.mp4")
 

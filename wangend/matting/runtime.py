@@ -100,8 +100,10 @@ class MattingRuntime:
         key = (weights, seed if weights == "tiny" else 0)
         if self._net is not None and self._net_key == key:
             return self._net
+        reason = "cold" if self._net is None else "switch"
         self._net = self._net_key = None  # drop the old one before building the next
-        hooks.model_loading(weights, {"kind": "matanyone", "reason": "job"})
+        # The fields a generation's load reports too, so a client shows both alike.
+        hooks.model_loading(weights, {"kind": "matanyone", "reason": reason, "device": self.device})
         started = time.perf_counter()
         try:
             net, source = build_network(weights, self.device, seed=key[1])

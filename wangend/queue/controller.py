@@ -451,8 +451,11 @@ class QueueController:
         with anyio.move_on_after(timeout):
             await self._job_done.wait()
         if not self._job_done.is_set():
+            # The process still waits for the worker (a thread is not cancelled) and the
+            # outcome is recorded when it ends; only a kill leaves the job to the recovery.
             log.warning(
-                "job %d did not stop within %.0f s; the next start queues it again",
+                "job %d has not ended %.0f s into the stop; the listeners close and the "
+                "daemon exits when it ends (a stop signal requeues it now)",
                 running.id,
                 timeout,
             )

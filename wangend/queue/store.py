@@ -93,9 +93,9 @@ SELECT_INTERRUPTED = (
 # The one guarded transition. Old column values are read on the right-hand side, so the
 # start of a run (queued -> running) counts an attempt and stamps started_at, and entering
 # a final state stamps finished_at, whoever calls. A live job put back in the queue (a
-# graceful stop) gets its attempt back: attempts count runs that ended badly or were cut
-# off by a crash, and a stop is neither. (Crash recovery requeues with REQUEUE_JOB, which
-# keeps the count.)
+# graceful stop) gets its attempt back: attempts count the runs started, less those a
+# stop put back (a finished run counts, whatever its outcome). (Crash recovery requeues
+# with REQUEUE_JOB, which keeps the count.)
 TRANSITION = """
 UPDATE jobs SET
     state       = :to,

@@ -45,6 +45,7 @@ import msgspec
 from .. import __version__
 from ..config import ServerConfig
 from ..logs import set_log_level
+from ..pipelines.production import resolve_device
 from ..protocol import (
     JobSpec,
     LorasResult,
@@ -82,6 +83,21 @@ STATUS_INTERVAL = 1.0  # seconds between STATUS= updates to systemd, at most one
 RELOADABLE = frozenset({"log_level", "stop_grace", "lora", "enhancer"})
 
 
+def check_device(device: str) -> None:
+    """Refuse, before anything is built, a `device` this machine cannot give ("cuda"
+    without a GPU, "gpu0"): a restart cannot fix it, so it is a config error (exit 2)
+    told in one line, not a traceback from deep inside the engine."""
+    try:
+        resolve_device(device)
+    except ValueError as exc:  # a GPU asked for that this machine does not have
+        raise StartupError(f"invalid value for device: {exc}; use cpu or auto", 2) from None
+    except RuntimeError:  # torch's answer to a string that names no device
+        raise StartupError(
+            f"invalid value for device: {device!r} is no device; use auto, cpu, cuda or cuda:N",
+            2,
+        ) from None
+
+
 class Daemon:
     """Owns the daemon's objects and implements the RPC layer's `Services`."""
 
@@ -114,6 +130,7 @@ class Daemon:
         if hasattr(self, "server"):
             return
         cfg = self.config
+        check_device(cfg.device)
         prepare_state_dir(cfg.state_path)
         self._lock.acquire()
         self._token = load_or_create_token(cfg.token_path)
