@@ -47,6 +47,12 @@ def test_unknown_or_wrong_keys_name_the_key(tmp_path: Path) -> None:
         load_config(path, env={"HOME": str(tmp_path)})
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml", env={"HOME": str(tmp_path)})
+    path.write_text('device = "gpu0"\n')
+    with pytest.raises(ConfigError, match=r"device \(file .*config\.toml\)"):
+        load_config(path, env={"HOME": str(tmp_path)})
+    for device in ("auto", "cpu", "cuda", "cuda:1"):
+        path.write_text(f'device = "{device}"\n')
+        assert load_config(path, env={"HOME": str(tmp_path)}).device == device
 
 
 def test_token_is_created_private_and_refused_when_readable(tmp_path: Path) -> None:

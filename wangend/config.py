@@ -118,7 +118,9 @@ class ServerConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True
     state_dir: str = ""
     output_dir: str = ""
     model: str = "tiny"  # default model for jobs that name none
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # auto | cpu | cuda | cuda:N | mps: checked here so `config check` refuses "gpu0"; whether
+    # the machine has that device is checked when the daemon starts.
+    device: Annotated[str, Meta(pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_attempts: Annotated[int, Meta(ge=1, le=100)] = 2
     max_line_bytes: Annotated[int, Meta(ge=1024)] = MAX_LINE_BYTES
@@ -315,7 +317,12 @@ def _coerce(raw: str, field: msgspec.structs.FieldInfo, var: str) -> Any:
     try:
         return msgspec.convert(raw, field.type, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"${var}={raw!r} is not a valid {field.name}: {exc}") from None
+        why = _PATTERN_HINTS.get(field.name, str(exc)) if "regex" in str(exc) else str(exc)
+        raise ConfigError(f"${var}={raw!r} is not a valid {field.name}: {why}") from None
+
+
+# What to write instead of a value a pattern refused, per key.
+_PATTERN_HINTS = {"device": "not a device; use auto, cpu, cuda, cuda:N or mps"}
 
 
 def _explain(message: str, sources: Mapping[str, str]) -> str:
@@ -325,6 +332,8 @@ def _explain(message: str, sources: Mapping[str, str]) -> str:
         return f"invalid config: {message}"
     key = match.group(1)
     text = message[: match.start()].removesuffix(" - at ").strip()
+    if "regex" in text and key in _PATTERN_HINTS:  # a hint reads better than the regex
+        text = _PATTERN_HINTS[key]
     origin = sources.get(key, "default")
     return f"invalid value for {key} ({origin}): {text}"
 
