@@ -500,7 +500,7 @@ def import_queue(
         mapping = importer.parse_model_map(model_map or [])
         queue = importer.read_queue(path)
     except importer.QueueImportError as exc:
-        typer.echo(f"wangenctl: {exc}", err=True)
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     folder = Path(media_dir).expanduser() if media_dir else importer.default_media_dir(path)
     tasks, attachments = importer.map_tasks(queue, mapping, folder)
@@ -518,7 +518,7 @@ def import_queue(
     try:
         importer.extract_media(queue, attachments)
     except OSError as exc:
-        typer.echo(f"wangenctl: cannot extract media to {folder}: {exc}", err=True)
+        typer.echo(f"error: cannot extract media to {folder}: {exc}", err=True)
         raise typer.Exit(2) from None
 
     async def work(c: Client, out: Renderer) -> int:

@@ -172,5 +172,6 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "not valid JSON" in result.output
     result = invoke("import-queue", str(tmp_path / "missing.zip"), "--dry-run")
     assert result.exit_code == 2 and "does not exist" in result.output
+    assert result.output.startswith("error: ")  # as every other wangenctl error
     with pytest.raises(QueueImportError, match="WAN2GP_TYPE=MODEL"):
         parse_model_map(["t2v"])
