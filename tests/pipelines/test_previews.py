@@ -11,9 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
+from wangend.pipelines.control import JobControl
+from wangend.pipelines.inputs import TaskInputManager
 from wangend.pipelines.previews import PROJECTIONS, PreviewMaker, fit_projection
 from wangend.pipelines.production import ProductionManager
+from wangend.pipelines.runtime import GenerationRuntime
 from wangend.pipelines.tiny import build_tiny_pipeline
+from wangend.protocol import GenerateSpec
 
 from .conftest import RecordingHooks
 
@@ -55,6 +59,21 @@ def test_previews_come_at_the_asked_steps_from_real_latents(
         assert max(image.size) == 256 and image.size[0] > image.size[1]  # 96x64 keeps its shape
         assert len(base64.b64decode(preview["data"])) <= 24 * 1024
     assert previews[0]["data"] != previews[-1]["data"]  # the latents moved
+
+
+def test_a_small_job_gets_previews_no_larger_than_its_video(
+    production: ProductionManager, tmp_path
+) -> None:
+    inputs = TaskInputManager(production.registry, "tiny", "auto")
+    job = inputs.resolve(
+        GenerateSpec(prompt="a kite", seed=1, steps=2, width=96, height=64, preview_every=1)
+    )
+    pipe = production.ensure(production.registry.resolve("tiny"), "float32", RecordingHooks())
+    hooks = RecordingHooks()
+    GenerationRuntime(production, tmp_path).generate_frames(pipe, job, JobControl(), hooks)
+    previews = [preview for _step, preview in hooks.named("preview")]
+    assert len(previews) == 2
+    assert all(decode(p).size == (p["width"], p["height"]) == (96, 64) for p in previews)
 
 
 def test_every_zero_means_no_previews() -> None:

@@ -3,7 +3,8 @@
 Decoding with the VAE would cost a large share of a step, so a preview is a linear map
 from the latent channels straight to RGB, one (C x 3) matrix and an RGB offset per
 latent-channel count: 16 (the Wan 2.1 VAE) and 48 (the Wan 2.2 VAE). The middle latent
-frame is projected, scaled so its longest side is at most `max_side` and encoded as JPEG,
+frame is projected, scaled (up from latent resolution) so its longest side is `max_side`,
+which the runtime sets no larger than the video's own longest side, and encoded as JPEG,
 lowering the quality until it fits `max_bytes`.
 
 Where the numbers come from: `fit_projection` decodes random latents (standard normal in
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["PROJECTIONS", "PreviewMaker", "fit_projection"]
+__all__ = ["PREVIEW_MAX_SIDE", "PROJECTIONS", "PreviewMaker", "fit_projection"]
 
 Row = tuple[float, float, float]
 # Fitted with fit_projection (see the module docstring): (weights C x 3, offset 3).
@@ -139,6 +140,9 @@ def fit_projection(vae: Any, samples: int = 4, size: int = 8, seed: int = 0) -> 
     return solution
 
 
+PREVIEW_MAX_SIDE = 256  # pixels, the longest side of a preview (the runtime caps it at the video's)
+
+
 class PreviewMaker:
     """Turns latents (B, C, F, H, W) into a bounded JPEG every `every` steps."""
 
@@ -147,7 +151,7 @@ class PreviewMaker:
         projection: np.ndarray,
         every: int,
         *,
-        max_side: int = 256,
+        max_side: int = PREVIEW_MAX_SIDE,
         max_bytes: int = 24 * 1024,
     ) -> None:
         self.weights = np.asarray(projection, dtype=np.float32)

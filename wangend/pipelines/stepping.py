@@ -24,7 +24,7 @@ from typing import Any
 
 from ..adapters.lora_injection import LoRAInjectionManager
 from ..protocol import ResolvedGenerate
-from .previews import PreviewMaker
+from .previews import PREVIEW_MAX_SIDE, PreviewMaker
 
 __all__ = ["StepExtras", "boundary_step"]
 
@@ -86,7 +86,11 @@ class StepExtras:
             return None
         try:
             if self._previews is None:
-                self._previews = PreviewMaker.for_channels(int(latents.shape[1]), self.every)
+                # Never larger than the video itself: a 64x64 job gets a 64 px preview.
+                side = min(PREVIEW_MAX_SIDE, max(self.job.width, self.job.height))
+                self._previews = PreviewMaker.for_channels(
+                    int(latents.shape[1]), self.every, max_side=side
+                )
             return self._previews.maybe(done, total, latents)
         except Exception as exc:  # a preview is a courtesy: it never costs the job
             self._previews_failed = True
