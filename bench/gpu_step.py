@@ -81,6 +81,7 @@ UMT5_XXL = dict(
     relative_attention_max_distance=128,
 )
 SECTIONS = ("daemon", "profiles", "caches", "attention", "compile")
+PROFILES = ("none", "none+fp8", "model", "group", "group+fp8", "sequential")
 PROMPT = "a red fox runs through fresh snow, morning light"
 
 
@@ -336,17 +337,12 @@ class Bench:
                     f"frames {'identical' if same else 'differ'}",
                 )
 
-    def section_profiles(self, frames: int, steps: int) -> None:
+    def section_profiles(self, frames: int, steps: int, names: list[str]) -> None:
         print(f"profiles: peak VRAM and s/step at {frames} frames", flush=True)
         reference: np.ndarray | None = None
-        for profile, fp8 in (
-            ("none", False),
-            ("none", True),
-            ("model", False),
-            ("group", False),
-            ("group", True),
-            ("sequential", False),
-        ):
+        for choice in names:
+            profile, _, extra = choice.partition("+")
+            fp8 = extra == "fp8"
             name = f"{profile}{' + fp8' if fp8 else ''}"
             self.fresh()
             run = self.job(frames, steps, memory_profile=profile, fp8=fp8)
@@ -355,13 +351,13 @@ class Bench:
                 continue
             peak = peak_gib()
             out = run.frames
-            if reference is None:
+            if reference is None:  # the first one listed ("none" by default)
                 reference = out
             self.row(
                 f"{frames}f {name}",
                 f"{median_step(run.step_ends):.3f} s/step, peak "
                 + (f"{peak:.2f} GiB" if peak is not None else "n/a (no CUDA)")
-                + f", PSNR vs none {psnr(out, reference):.1f} dB",
+                + f", PSNR vs {names[0]} {psnr(out, reference):.1f} dB",
             )
         self.fresh()
 
@@ -466,6 +462,13 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6, help="steps per timed job")
     parser.add_argument("--rounds", type=int, default=2, help="daemon/plain pairs per size")
     parser.add_argument("--profile-frames", type=int, default=81)
+    parser.add_argument(
+        "--profiles",
+        nargs="+",
+        choices=PROFILES,
+        default=list(PROFILES),
+        help="memory profiles to measure, the first is the PSNR reference",
+    )
     parser.add_argument("--cache-frames", type=int, default=33)
     parser.add_argument("--cache-steps", type=int, default=30)
     parser.add_argument("--text-encoder", choices=("full", "small"), default="full")
@@ -501,7 +504,7 @@ def main() -> int:
             if section == "daemon":
                 bench.section_daemon(args.frames, args.steps, args.rounds)
             elif section == "profiles":
-                bench.section_profiles(args.profile_frames, args.steps)
+                bench.section_profiles(args.profile_frames, args.steps, args.profiles)
             elif section == "caches":
                 bench.section_caches(args.cache_frames, args.cache_steps)
             elif section == "attention":
