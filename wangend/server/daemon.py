@@ -444,7 +444,9 @@ def run_daemon(
                         name = signal.Signals(signum).name
                         if daemon.stopping:
                             if daemon.requeue_now():
-                                log.warning("second %s: requeueing the running job now", name)
+                                log.warning(
+                                    "%s while stopping: requeueing the running job now", name
+                                )
                                 continue
                             log.warning("another %s: stopping now", name)
                             os._exit(1)
