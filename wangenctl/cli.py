@@ -426,7 +426,8 @@ def clear(ctx: typer.Context) -> None:
     _run(ctx, work)
 
 
-@app.command()
+# "-1" is a number here, not an option, so a negative position gets the range error.
+@app.command(context_settings={"ignore_unknown_options": True})
 def move(
     ctx: typer.Context,
     job: Annotated[int, typer.Argument(help="a queued job")],

@@ -95,6 +95,12 @@ def test_usage_errors_exit_2(args: list[str], env: dict[str, str]) -> None:
     assert invoke(*args).exit_code == 2
 
 
+def test_a_negative_position_is_out_of_range_not_an_unknown_option(env: dict[str, str]) -> None:
+    result = invoke("move", "4", "-1")
+    assert result.exit_code == 2
+    assert "position" in result.output and "No such option" not in result.output
+
+
 # --- no daemon: one line, exit 2, never a traceback ----------------------------------------
 
 
