@@ -245,3 +245,23 @@ def test_compile_runs_with_a_cache_that_hooks_inside_the_blocks(
     assert 0 < calls < uncached[1]
     assert psnr(frames, uncached[0]) > 25.0
     assert not compiled.pipeline.transformer.is_cache_enabled
+
+
+def test_the_first_step_at_a_new_size_reports_compiling(
+    compiled: ProductionManager, job: ResolvedGenerate
+) -> None:
+    """It can take minutes: a client shows "compiling", and the ETA does not count it."""
+    sized = msgspec.structs.replace(job, width=48, height=32, frames=5, steps=3)
+    options = EngineOptions(compile=True)
+    pipe = compiled.ensure(compiled.registry.resolve(job.model), options, RecordingHooks())
+    runtime = GenerationRuntime(compiled, compiled.registry.models_dir)
+    timings: dict[str, float] = {}
+    first, again = RecordingHooks(), RecordingHooks()
+    runtime.generate_frames(pipe, sized, JobControl(), first, timings)
+    runtime.generate_frames(pipe, sized, JobControl(), again)
+    assert [p for p in first.named("progress") if p[2] in ("compiling", "denoising")][:2] == [
+        (0, 3, "compiling"),
+        (1, 3, "denoising"),
+    ]
+    assert "compiling" in timings and "denoising" in timings
+    assert "compiling" not in [phase for _, _, phase in again.named("progress")]

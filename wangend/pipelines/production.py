@@ -149,6 +149,8 @@ class ProductionManager:
         self._model: str | None = None
         # load key -> (pipeline, model name, bytes); the last entry is the most recent.
         self._parked: OrderedDict[tuple[Any, ...], tuple[Any, str, int]] = OrderedDict()
+        # Sizes the warm compiled pipeline has run at (its compiled graphs cover them).
+        self._compiled_shapes: set[tuple[int, ...]] = set()
 
     @property
     def device(self) -> str:
@@ -225,10 +227,23 @@ class ProductionManager:
         else:
             pipe = self._load(record, options, hooks, data, checkpoint)
         self._pipe, self._key, self._model = pipe, key, record.name
+        self._compiled_shapes = set()
         hooks.model_loaded(
             record.name, {**data, "seconds": round(time.perf_counter() - started, 3)}
         )
         return pipe
+
+    def compiles_at(self, pipe: Any, shape: tuple[int, ...]) -> bool:
+        """Whether a run of `pipe` at `shape` (width, height, frames) will compile first:
+        true once per shape for a warm pipeline loaded with compile on. The runtime
+        reports such a first step as phase "compiling" (it can take minutes), so clients
+        and the ETA do not take it for a denoising step."""
+        if pipe is not self._pipe or self._key is None or not self._key[-1]:
+            return False
+        if shape in self._compiled_shapes:
+            return False
+        self._compiled_shapes.add(shape)
+        return True
 
     @contextmanager
     def run_scope(self, pipe: Any, options: EngineOptions, *, steps: int) -> Iterator[RunReport]:

@@ -184,14 +184,16 @@ class _Tracker:
         self.phase = ""
         self.marks: dict[str, float] = {}
 
-    def enter(self, phase: str, step: int) -> None:
+    def enter(self, phase: str, step: int, *, report: bool = True) -> None:
         if phase != self.phase:
             self.phase = phase
             self.marks[phase] = time.perf_counter()
-            self.hooks.progress(step, self.steps, phase)
+            if report:
+                self.hooks.progress(step, self.steps, phase)
 
     def timings(self, end: float) -> dict[str, float]:
-        order = [p for p in ("encoding", "denoising", "decoding") if p in self.marks]
+        phases = ("encoding", "compiling", "denoising", "decoding")
+        order = [p for p in phases if p in self.marks]
         ends = [self.marks[p] for p in order[1:]] + [end]
         return {p: e - self.marks[p] for p, e in zip(order, ends, strict=True)}
 
@@ -307,6 +309,8 @@ class GenerationRuntime:
         # V2V runs only its last steps; progress counts the skipped ones as done.
         skipped = job.steps - denoising_steps(job)
         extras = StepExtras(pipe, job, self.loras, denoising_steps(job))
+        # The first step at a new size compiles (minutes on real models): say so.
+        compiling = self.production.compiles_at(pipe, (job.width, job.height, job.frames))
 
         def on_encoder(module: Any, args: Any) -> None:
             control.check_abort()
@@ -314,8 +318,8 @@ class GenerationRuntime:
 
         def on_block(module: Any, args: Any) -> None:
             control.check_abort()
-            if tracker.phase != "denoising":
-                tracker.enter("denoising", skipped)
+            if tracker.phase not in ("denoising", "compiling"):
+                tracker.enter("compiling" if compiling else "denoising", skipped)
 
         def on_decoder(module: Any, args: Any) -> None:
             control.check_abort()
@@ -323,6 +327,8 @@ class GenerationRuntime:
 
         def on_step_end(called: Any, i: int, _t: Any, tensors: dict) -> dict:
             done = skipped + i + 1
+            if tracker.phase == "compiling":  # the step event below says "denoising"
+                tracker.enter("denoising", done, report=False)
             preview = extras.after_step(called, i, done, job.steps, tensors)
             hooks.progress(done, job.steps, "denoising", preview=preview)
             control.step_boundary(hooks, done, job.steps)
