@@ -21,6 +21,20 @@ import anyio.abc
 import anyio.from_thread
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+# The `status` result of an idle daemon whose last event was seq 7.
+IDLE_STATUS: dict[str, Any] = {
+    "version": "0.1.0",
+    "pid": 1,
+    "uptime": 2.0,
+    "device": "cpu",
+    "paused": False,
+    "pause_mode": None,
+    "model": None,
+    "queue": {},
+    "running": None,
+    "last_seq": 7,
+}
+
 Handler = Callable[["FakeConnection", dict[str, Any]], Awaitable[Any]]
 
 

@@ -6,8 +6,6 @@ test_follower.py."""
 from __future__ import annotations
 
 import socket
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,29 +21,9 @@ from wangenctl.client import (
 )
 from wangend.protocol import ErrorCode, Event, StatusResult
 
-from .fake_daemon import FakeConnection, FakeDaemon, Hangup, Reply, running
+from .fake_daemon import IDLE_STATUS, FakeConnection, FakeDaemon, Hangup, Reply, running
 
 pytestmark = pytest.mark.anyio
-
-STATUS = {
-    "version": "0.1.0",
-    "pid": 1,
-    "uptime": 2.0,
-    "device": "cpu",
-    "paused": False,
-    "pause_mode": None,
-    "model": None,
-    "queue": {},
-    "running": None,
-    "last_seq": 7,
-}
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """Unix socket paths are limited to ~100 bytes; pytest's tmp_path can be longer."""
-    with tempfile.TemporaryDirectory(prefix="wc", dir="/tmp") as d:
-        yield Path(d)
 
 
 def closed_port() -> int:
@@ -89,7 +67,7 @@ async def test_replies_are_paired_by_id_while_events_interleave(short_dir: Path)
         for seq in (1, 2, 3):
             await conn.event(seq, "job.progress", 4, step=seq, steps=3, phase="denoising")
         release.set()  # the slow reply now goes out after this one's events
-        return STATUS
+        return IDLE_STATUS
 
     fake = FakeDaemon({"slow": slow, "status": status})
     with running(fake, unix=short_dir / "d.sock") as url:
@@ -153,7 +131,7 @@ async def test_params_structs_and_dicts_go_out_as_objects(short_dir: Path) -> No
 async def test_tcp_authenticates_first(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("s3cret\n")
-    fake = FakeDaemon({"status": lambda conn, p: _value(STATUS)}, token="s3cret")
+    fake = FakeDaemon({"status": lambda conn, p: _value(IDLE_STATUS)}, token="s3cret")
     with running(fake) as url:
         async with connect(url, token_file) as client:
             status = await client.status()

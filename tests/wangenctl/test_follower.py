@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,29 +12,9 @@ from wangenctl.errors import DaemonUnavailable
 from wangenctl.follower import EventFollower
 from wangend.protocol import Event
 
-from .fake_daemon import FakeConnection, FakeDaemon, running
+from .fake_daemon import IDLE_STATUS, FakeConnection, FakeDaemon, running
 
 pytestmark = pytest.mark.anyio
-
-STATUS = {
-    "version": "0.1.0",
-    "pid": 1,
-    "uptime": 2.0,
-    "device": "cpu",
-    "paused": False,
-    "pause_mode": None,
-    "model": None,
-    "queue": {},
-    "running": None,
-    "last_seq": 7,
-}
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """Unix socket paths are limited to ~100 bytes; pytest's tmp_path can be longer."""
-    with tempfile.TemporaryDirectory(prefix="wc", dir="/tmp") as d:
-        yield Path(d)
 
 
 async def test_follower_resubscribes_with_since_and_skips_duplicates(short_dir: Path) -> None:
@@ -62,7 +40,7 @@ async def test_follower_resubscribes_with_since_and_skips_duplicates(short_dir: 
         conn.spawn(replay)
         return {"last_seq": 15, "replayed": 2, "complete": True}
 
-    same_process = {**STATUS, "last_seq": 15}
+    same_process = {**IDLE_STATUS, "last_seq": 15}
     fake = FakeDaemon({"subscribe": subscribe, "status": lambda conn, p: _value(same_process)})
     notices: list[str] = []
     delivered: list[int] = []
@@ -87,8 +65,8 @@ async def test_follower_catches_up_from_the_start_after_a_restart(short_dir: Pat
 
     async def status(conn: FakeConnection, params: dict[str, Any]) -> Any:
         if conn.number == 1:
-            return {**STATUS, "pid": 100, "last_seq": 40}
-        return {**STATUS, "pid": 200, "last_seq": 2}
+            return {**IDLE_STATUS, "pid": 100, "last_seq": 40}
+        return {**IDLE_STATUS, "pid": 200, "last_seq": 2}
 
     async def subscribe(conn: FakeConnection, params: dict[str, Any]) -> Any:
         async def first_life() -> None:
