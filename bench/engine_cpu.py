@@ -24,16 +24,16 @@ from typing import Any
 import numpy as np
 import torch
 from engine_common import FirstStepHooks as Hooks  # bench/ is on the path as a script
-from engine_common import psnr
+from engine_common import plain_call, psnr
 
 from wangend.pipelines.acceleration import EngineOptions
 from wangend.pipelines.control import JobControl
 from wangend.pipelines.inputs import TaskInputManager
 from wangend.pipelines.production import ProductionManager
 from wangend.pipelines.registry import ModelRegistry
-from wangend.pipelines.runtime import GenerationRuntime, scheduler_for, to_uint8
+from wangend.pipelines.runtime import GenerationRuntime
 from wangend.pipelines.tiny import ensure_tiny_model
-from wangend.protocol import GenerateSpec, ResolvedGenerate
+from wangend.protocol import GenerateSpec
 
 
 def median_time(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
@@ -57,22 +57,6 @@ def paired(
         ratios.append(t_var / t_base)
         times.append(t_var)
     return statistics.median(ratios), statistics.median(times), result
-
-
-def plain_call(pipe: Any, job: ResolvedGenerate) -> np.ndarray:
-    pipe.scheduler = scheduler_for(pipe.scheduler, job.flow_shift)
-    out = pipe(
-        prompt=job.prompt,
-        negative_prompt=job.negative_prompt,
-        height=job.height,
-        width=job.width,
-        num_frames=job.frames,
-        num_inference_steps=job.steps,
-        guidance_scale=job.guidance_scale,
-        generator=torch.Generator().manual_seed(job.seed),
-        output_type="np",
-    )
-    return to_uint8(np.asarray(out.frames[0]))
 
 
 def main() -> None:

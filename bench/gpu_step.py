@@ -41,16 +41,13 @@ import itertools
 import statistics
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from engine_common import Line, psnr  # bench/ is on the path when run as a script
+from engine_common import Line, plain_call, psnr, running_daemon  # bench/ on the path
 
 # transformer/config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers.
 WAN21_1_3B = dict(
@@ -226,21 +223,21 @@ class Bench:
         self.client = client
         self.size = size
         self.rows: list[tuple[str, str]] = []
-        self.seed = 0
+        self.jobs = 0  # names each job's output
 
     def row(self, key: str, value: str) -> None:
         self.rows.append((key, value))
         print(f"  {key}: {value}", flush=True)
 
     def job(self, frames: int, steps: int, **settings: Any) -> JobRun:
-        self.seed += 1
+        self.jobs += 1
         spec = {
             "prompt": PROMPT,
             "seed": 1,  # the same noise for every job, so outputs compare
             "steps": steps,
             "frames": frames,
             **self.size,
-            "output_name": f"bench-{self.seed}",
+            "output_name": f"bench-{self.jobs}",
             **settings,
         }
         reply, _ = self.client.call("enqueue", spec)
@@ -258,33 +255,18 @@ class Bench:
 
     def plain(self, frames: int, steps: int) -> tuple[np.ndarray, list[float]]:
         """The same job as a plain diffusers call on the daemon's warm pipeline."""
-        from wangend.pipelines.runtime import scheduler_for, to_uint8
         from wangend.protocol import GenerateSpec
 
         job = self.daemon.engine.resolve(
             GenerateSpec(prompt=PROMPT, seed=1, steps=steps, frames=frames, **self.size)
         )
-        pipe = self.daemon.engine.production.pipeline
         ends: list[float] = []
 
         def on_step_end(_pipe: Any, _i: int, _t: Any, _tensors: dict) -> dict:
             ends.append(time.perf_counter())
             return {}
 
-        pipe.scheduler = scheduler_for(pipe.scheduler, job.flow_shift)
-        out = pipe(
-            prompt=job.prompt,
-            negative_prompt=job.negative_prompt,
-            height=job.height,
-            width=job.width,
-            num_frames=job.frames,
-            num_inference_steps=job.steps,
-            guidance_scale=job.guidance_scale,
-            generator=torch.Generator(device="cpu").manual_seed(job.seed),
-            output_type="np",
-            callback_on_step_end=on_step_end,
-        )
-        return to_uint8(np.asarray(out.frames[0])), ends
+        return plain_call(self.daemon.engine.production.pipeline, job, on_step_end), ends
 
     def fresh(self) -> None:
         """Drop the warm pipeline and zero the peak counter: the next job loads anew and
@@ -414,47 +396,6 @@ class Bench:
         )
 
 
-@contextmanager
-def running_daemon(work: Path, folder: Path, device: str) -> Iterator[tuple[Any, Line]]:
-    """A daemon in this process (so peak VRAM and the warm pipeline are visible here),
-    with the random model as its default and lossless-enough outputs for PSNR."""
-    import anyio
-    import anyio.from_thread
-
-    from wangend.config import load_config
-    from wangend.server.daemon import Daemon
-
-    config = load_config(
-        None,
-        {
-            "state_dir": str(work / "state"),
-            "output_dir": str(work / "out"),
-            "tcp": False,
-            "socket": str(work / "d.sock"),
-            "model": str(folder),
-            "device": device,
-            "dtype": "bfloat16",
-            "max_attempts": 1,
-            "media": {"crf": 0, "pix_fmt": "yuv444p"},
-        },
-        env={},
-    )
-    daemon = Daemon(config)
-    stop = threading.Event()
-    with anyio.from_thread.start_blocking_portal() as portal:
-        portal.start_task_soon(
-            lambda: daemon.serve(shutdown_trigger=lambda: anyio.to_thread.run_sync(stop.wait))
-        )
-        while not (work / "state" / "endpoint.json").exists():
-            time.sleep(0.05)
-        client = Line(config.socket)
-        client.call("subscribe", {})
-        try:
-            yield daemon, client
-        finally:
-            stop.set()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=None)
@@ -497,7 +438,14 @@ def main() -> int:
     )
     with (
         tempfile.TemporaryDirectory(prefix="wangend-gpu-") as tmp,
-        running_daemon(Path(tmp), args.folder.absolute(), device) as (daemon, client),
+        running_daemon(
+            Path(tmp),
+            model=str(args.folder.absolute()),
+            device=device,
+            dtype="bfloat16",
+            max_attempts=1,
+            media={"crf": 0, "pix_fmt": "yuv444p"},  # lossless enough for PSNR
+        ) as (daemon, client),
     ):
         bench = Bench(daemon, client, size)
         for section in sections:

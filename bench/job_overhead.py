@@ -16,15 +16,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import anyio.from_thread
 import torch
-from engine_common import Line  # bench/ is on the path when run as a script
+from engine_common import Line, running_daemon  # bench/ is on the path as a script
 
-from wangend.config import load_config
 from wangend.media.metadata import MetadataState
 from wangend.media.persistence import MediaPersistenceContext, write_video
 from wangend.pipelines.runtime import to_uint8
@@ -59,27 +56,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)  # the same thread budget for both sides
 
-    with tempfile.TemporaryDirectory() as tmp, anyio.from_thread.start_blocking_portal() as portal:
+    with tempfile.TemporaryDirectory() as tmp, running_daemon(Path(tmp)) as (daemon, c):
         root = Path(tmp)
-        cfg = load_config(
-            None,
-            {
-                "state_dir": str(root / "s"),
-                "output_dir": str(root / "o"),
-                "tcp": False,
-                "socket": str(root / "d.sock"),
-            },
-            env={},
-        )
-        daemon = Daemon(cfg)
-        stop = threading.Event()
-        portal.start_task_soon(
-            lambda: daemon.serve(shutdown_trigger=lambda: anyio.to_thread.run_sync(stop.wait))
-        )
-        while not (root / "s" / "endpoint.json").exists():
-            time.sleep(0.05)
-        c = Line(cfg.socket)
-        c.call("subscribe", {})
+        socket_path = str(root / "d.sock")
 
         def via_daemon(seed: int) -> float:
             t0 = time.perf_counter()
@@ -89,11 +68,11 @@ def main() -> None:
             return t1 - t0
 
         via_daemon(0)  # warm: loads the model
-        direct_run(daemon, 0, root / "o")
+        direct_run(daemon, 0, root / "out")
         daemon_times, direct_times = [], []
         for i in range(args.runs):  # interleaved so drift hits both sides alike
             daemon_times.append(via_daemon(100 + i))
-            direct_times.append(direct_run(daemon, 100 + i, root / "o"))
+            direct_times.append(direct_run(daemon, 100 + i, root / "out"))
         d, p = statistics.median(daemon_times), statistics.median(direct_times)
         print(f"overhead: tiny job 64x64x9, 4 steps, {args.runs} runs each")
         print(f"  through the daemon (enqueue -> job.succeeded): median {d * 1000:.1f} ms")
@@ -138,7 +117,7 @@ def main() -> None:
         )
 
         # fan-out: N subscribers, each must see every event of one job, in order
-        subs = [Line(cfg.socket) for _ in range(args.subscribers)]
+        subs = [Line(socket_path) for _ in range(args.subscribers)]
         for s in subs:
             s.call("subscribe", {})
         reply, _ = c.call("enqueue", {**SPEC, "seed": 5})
@@ -159,7 +138,6 @@ def main() -> None:
             f"events: {complete}/{len(subs)} subscribers got every event of the job in order "
             f"({sorted(counts)} events each)"
         )
-        stop.set()
 
 
 if __name__ == "__main__":
