@@ -93,9 +93,10 @@ def component_weights(folder: Path, name: str, library: str) -> ComponentWeights
     except OSError as exc:
         return ComponentWeights(problem=f"{name}/ (unreadable: {exc.strerror})")
     index_first = library != "transformers"
+    patterns = _patterns(stems)
     found: dict[str | None, list[tuple[int, str]]] = {}
     for entry in entries:
-        for kind, pattern in enumerate(_patterns(stems)):
+        for kind, pattern in enumerate(patterns):
             match = pattern.fullmatch(entry)
             if match:
                 order = kind if index_first else -kind
