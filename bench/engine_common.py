@@ -90,7 +90,8 @@ def plain_call(pipe: Any, job: Any, on_step_end: Callable[..., dict] | None = No
     runtime is measured against. uint8 frames, like the runtime's."""
     import torch
 
-    from wangend.pipelines.runtime import scheduler_for, to_uint8
+    from wangend.pipelines.calls import scheduler_for
+    from wangend.pipelines.runtime import to_uint8
 
     pipe.scheduler = scheduler_for(pipe.scheduler, job.flow_shift)
     out = pipe(

@@ -62,6 +62,9 @@ class EngineConfig(Section):
     compile: bool = False
     preview_every: Annotated[int, Meta(ge=0, le=500)] = 0
     keep_models_gb: Annotated[float, Meta(ge=0.0)] = 0.0  # CPU RAM for parked models
+    # Resume points (pipelines/resume.py): a job cut off goes on from its last one.
+    resume: bool = True
+    resume_every: Annotated[float, Meta(ge=0.0, le=86400.0)] = 60.0  # s of denoising; 0: each step
 
 
 class MediaConfig(Section):

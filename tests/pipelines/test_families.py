@@ -16,11 +16,12 @@ import torch
 from PIL import Image
 
 from wangend.errors import InvalidParams
+from wangend.pipelines.calls import scheduler_for
 from wangend.pipelines.control import JobAborted, JobControl
 from wangend.pipelines.inputs import TaskInputManager
 from wangend.pipelines.production import ProductionManager
 from wangend.pipelines.registry import ModelRegistry
-from wangend.pipelines.runtime import GenerationRuntime, scheduler_for, to_uint8
+from wangend.pipelines.runtime import GenerationRuntime, to_uint8
 from wangend.protocol import GenerateSpec, ResolvedGenerate
 
 from ..support.outputs import write_clip

@@ -13,11 +13,12 @@ import torch
 
 from wangend.errors import JobFailure
 from wangend.media.writers import read_video_metadata
+from wangend.pipelines.calls import scheduler_for
 from wangend.pipelines.control import JobAborted, JobControl
 from wangend.pipelines.inputs import TaskInputManager
 from wangend.pipelines.production import ProductionManager
 from wangend.pipelines.registry import ModelRegistry
-from wangend.pipelines.runtime import GenerationRuntime, scheduler_for, to_uint8
+from wangend.pipelines.runtime import GenerationRuntime, to_uint8
 from wangend.protocol import GenerateSpec, ResolvedGenerate
 
 from .conftest import RecordingHooks

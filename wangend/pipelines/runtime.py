@@ -15,24 +15,15 @@ pipeline stays clean for the next job even after an abort:
   denoising, decoding). An abort raises `JobAborted` out of the pipeline; nothing is
   written.
 
-One loaded pipeline serves every task its family can do: `call_plan` picks the diffusers
-class for the job (T2V, I2V, V2V, VACE; Wan 2.2 TI2V runs text-only through `WanPipeline`
-and with an image through `WanImageToVideoPipeline`) and builds it as a view over the
-loaded components when it differs from the loaded class. Views are built with the
-constructor, not `from_pipe`, because `from_pipe` casts every module to one dtype, which
-would also cast the float32 VAE of a half-precision warm pipeline. The prompt is encoded
-through a `WanPipeline` view for every family (the same UMT5 call diffusers makes, with
-the same 512-token length); the other Wan classes need the optional `ftfy` package only
-to clean prompt text, and passing embeddings keeps them from requiring it.
-Conditioning media is loaded when the job runs (conditioning.py), sized to the job.
+How a job becomes a diffusers call (which class, which arguments, resuming) is
+calls.py.
 
 Noise comes from a CPU `torch.Generator`, so a seed gives the same video on any device.
 """
 
 from __future__ import annotations
 
-import inspect
-import re
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -49,130 +40,29 @@ from ..media.naming import render_output_name
 from ..media.persistence import MediaPersistenceContext, write_video
 from ..protocol import ResolvedGenerate
 from .acceleration import EngineOptions
-from .conditioning import MediaError, load_image, load_mask, load_video
-from .control import JobControl, RunHooks
+from .calls import (
+    abort_points,
+    call_plan,
+    denoising_steps,
+    encode_prompts,
+    restoring_scheduler,
+    resuming_view,
+    scheduler_for,
+)
+from .conditioning import MediaError
+from .control import JobAborted, JobControl, RunHooks
 from .production import OOM_ERRORS, ProductionManager
+from .resume import ResumeStore, RunResume, fingerprint
 from .stepping import StepExtras
 
-__all__ = ["GenerationRuntime", "call_plan", "denoising_steps", "scheduler_for", "to_uint8"]
+__all__ = ["GenerationRuntime", "to_uint8"]
 
-MAX_SEQUENCE_LENGTH = 512  # what every Wan pipeline's __call__ uses
+log = logging.getLogger(__name__)
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
     """Float frames in [0, 1] -> uint8, rounded (not truncated) and clipped."""
     return np.clip(np.rint(frames * 255.0), 0, 255).astype(np.uint8)
-
-
-def scheduler_for(scheduler: Any, flow_shift: float) -> Any:
-    """A fresh scheduler of the pipeline's kind with the job's flow shift.
-
-    Fresh per run, so no step index or solver history leaks from an aborted run. UniPC
-    (what Wan checkpoints ship) calls the value `flow_shift`, FlowMatchEuler `shift`.
-    A FlowMatchEuler saved with `use_dynamic_shifting` (as Flux-style folders are) wants
-    a resolution-dependent `mu` that Wan pipelines never pass; the job's static shift
-    replaces it, so such a folder runs instead of failing at its first step.
-    """
-    config = dict(scheduler.config)
-    key = "flow_shift" if "flow_shift" in config else "shift" if "shift" in config else None
-    overrides: dict[str, Any] = {key: flow_shift} if key else {}
-    if config.get("use_dynamic_shifting"):
-        overrides["use_dynamic_shifting"] = False
-    return type(scheduler).from_config(config, **overrides)
-
-
-def denoising_steps(job: ResolvedGenerate) -> int:
-    """Steps the pipeline really runs: video-to-video skips the first (1 - strength)."""
-    if job.family == "wan2.1-t2v" and job.video is not None and job.strength is not None:
-        return min(int(job.steps * job.strength), job.steps)
-    return job.steps
-
-
-def pipeline_view(pipe: Any, class_name: str, **config: Any) -> Any:
-    """`pipe` itself when it is already `class_name` with `config`, else a pipeline of that
-    class over the same (not copied, not cast) components."""
-    import diffusers
-
-    cls = getattr(diffusers, class_name)
-    if type(pipe) is cls and all(pipe.config.get(k) == v for k, v in config.items()):
-        return pipe
-    takes = inspect.signature(cls.__init__).parameters
-    kwargs = {k: v for k, v in pipe.components.items() if k in takes}
-    for key in ("boundary_ratio", "expand_timesteps"):
-        if key in takes and key in pipe.config:
-            kwargs[key] = pipe.config[key]
-    kwargs.update({k: v for k, v in config.items() if k in takes})
-    view = cls(**kwargs)
-    view.set_progress_bar_config(disable=True)
-    return view
-
-
-def call_plan(pipe: Any, job: ResolvedGenerate) -> tuple[Any, dict[str, Any]]:
-    """The pipeline to call for `job` and its task-specific arguments (media loaded and
-    sized here). The shared arguments (prompt embeddings, size, steps, guidance, seed,
-    callbacks) are added by the caller."""
-    family = job.family or "wan2.1-t2v"
-    w, h, n = job.width, job.height, job.frames
-    args: dict[str, Any] = {}
-    config: dict[str, Any] = {}
-    if job.boundary_ratio is not None:
-        config["boundary_ratio"] = job.boundary_ratio
-        args["guidance_scale_2"] = job.guidance_scale_2
-    if family == "wan2.1-t2v" and job.video is not None:
-        args.update(video=load_video(job.video, w, h, n), strength=job.strength)
-        return pipeline_view(pipe, "WanVideoToVideoPipeline"), args
-    args["num_frames"] = n
-    if family == "wan2.1-vace":
-        if job.video is not None:
-            args["video"] = load_video(job.video, w, h, n)
-        if job.mask is not None:
-            args["mask"] = load_mask(job.mask, w, h, n)
-        if job.reference_images:
-            args["reference_images"] = [load_image(p, w, h) for p in job.reference_images]
-        return pipeline_view(pipe, "WanVACEPipeline", **config), args
-    if job.image is not None:
-        args["image"] = load_image(job.image, w, h)
-        if job.last_image is not None:
-            args["last_image"] = load_image(job.last_image, w, h)
-        return pipeline_view(pipe, "WanImageToVideoPipeline", **config), args
-    return pipeline_view(pipe, "WanPipeline", **config), args
-
-
-def encode_prompts(pipe: Any, job: ResolvedGenerate) -> dict[str, Any]:
-    """Prompt (and, with CFG, negative prompt) embeddings, as the pipeline would make them."""
-    encoder = pipeline_view(pipe, "WanPipeline", boundary_ratio=None, expand_timesteps=False)
-    with torch.no_grad():  # as inside the pipeline: no autograd graph on the embeddings
-        positive, negative = encoder.encode_prompt(
-            prompt=job.prompt,
-            negative_prompt=job.negative_prompt,
-            do_classifier_free_guidance=job.guidance_scale > 1.0,
-            max_sequence_length=MAX_SEQUENCE_LENGTH,
-            device=pipe._execution_device,
-        )
-    return {"prompt_embeds": positive, "negative_prompt_embeds": negative}
-
-
-def abort_points(pipe: Any) -> dict[str, list[Any]]:
-    """Modules whose forward pre-hook checks the abort latch, by the phase they mark."""
-    encoding = [pipe.text_encoder]
-    image_encoder = getattr(pipe, "image_encoder", None)
-    if image_encoder is not None:
-        encoding.append(image_encoder)
-        encoding += [
-            m for name, m in image_encoder.named_modules() if re.fullmatch(r".*layers\.\d+", name)
-        ]
-    encoder = pipe.vae.encoder
-    encoding += [encoder, encoder.mid_block, *encoder.down_blocks]
-    blocks = []
-    for transformer in (pipe.transformer, getattr(pipe, "transformer_2", None)):
-        if transformer is not None:
-            blocks += list(transformer.blocks) + list(getattr(transformer, "vace_blocks", []))
-    decoder = pipe.vae.decoder
-    return {
-        "encoding": encoding,
-        "denoising": blocks,
-        "decoding": [decoder, decoder.mid_block, *decoder.up_blocks],
-    }
 
 
 class _Tracker:
@@ -203,7 +93,9 @@ class GenerationRuntime:
 
     Optional parts, each built by the daemon from its config: `media` (how outputs are
     written), `loras` (the LoRA adapters of the warm pipeline), `enhancer` (the prompt
-    enhancer). Without `loras`, a job that names LoRAs fails before any step.
+    enhancer), `resume` (where resume points go; resume.py). Without `loras`, a job
+    that names LoRAs fails before any step; without `resume`, a job cut off starts
+    again from step 0.
     """
 
     def __init__(
@@ -214,12 +106,14 @@ class GenerationRuntime:
         media: MediaPersistenceContext | None = None,
         loras: LoRAInjectionManager | None = None,
         enhancer: PromptEnhancerBridge | None = None,
+        resume: ResumeStore | None = None,
     ) -> None:
         self.production = production
         self.output_dir = Path(output_dir).absolute()
         self.media = media or MediaPersistenceContext()
         self.loras = loras
         self.enhancer = enhancer
+        self.resume = resume
 
     @property
     def device(self) -> str:
@@ -250,9 +144,27 @@ class GenerationRuntime:
             raise JobFailure("LoraUnavailable", "this daemon has no LoRA support configured")
         if self.loras is not None:
             self.loras.hydrate(pipe, job.loras)  # none: adapters off, the base weights
-        with self.production.run_scope(pipe, options, steps=job.steps) as report:
-            frames = self.generate_frames(pipe, job, control, hooks, timings)
-        control.check_abort()  # the last chance: from here on the file gets written
+        resume = None
+        if self.resume is not None and options.step_cache == "none":
+            mark = fingerprint(job, options, self.device, pipe.scheduler)
+            resume = RunResume(self.resume, job_id, mark)
+        try:
+            with self.production.run_scope(pipe, options, steps=job.steps) as report:
+                frames = self.generate_frames(pipe, job, control, hooks, timings, resume)
+            control.check_abort()  # the last chance: from here on the file gets written
+        except JobAborted:
+            if resume is not None and not control.suspending:
+                resume.discard()  # a user's abort: the job is over
+            raise
+        except BaseException:
+            if resume is not None:
+                resume.discard()
+            raise
+        if resume is not None and resume.skip:
+            report.notes.append(
+                f"resumed at step {resume.skip + job.steps - denoising_steps(job)} of "
+                f"{job.steps} from the resume point of an earlier attempt"
+            )
         hooks.progress(job.steps, job.steps, "saving")
         ran = msgspec.structs.replace(job, dtype=options.dtype)
         # H.264 encoders may give different bitstreams for identical frames, so the
@@ -264,9 +176,13 @@ class GenerationRuntime:
         if report.notes:
             state = state.with_fields(notes=list(report.notes))
         stem = render_output_name(job.output_name, job_id=job_id, job=job)
-        paths = write_video(
-            frames, self.output_dir, stem, job.fps, self.media, state, audio=job.audio
-        )
+        try:
+            paths = write_video(
+                frames, self.output_dir, stem, job.fps, self.media, state, audio=job.audio
+            )
+        finally:
+            if resume is not None:
+                resume.discard()
         return [str(path) for path in paths]
 
     def enhance_prompt(self, job: ResolvedGenerate, hooks: RunHooks) -> ResolvedGenerate:
@@ -303,11 +219,16 @@ class GenerationRuntime:
         control: JobControl,
         hooks: RunHooks,
         timings: dict[str, float] | None = None,
+        resume: RunResume | None = None,
     ) -> np.ndarray:
-        """Run the pipeline for `job`: (frames, height, width, 3) uint8 RGB."""
+        """Run the pipeline for `job`: (frames, height, width, 3) uint8 RGB. With
+        `resume`, resume points are written as it runs, and a run whose earlier attempt
+        left one goes on from there."""
         tracker = _Tracker(hooks, job.steps)
-        # V2V runs only its last steps; progress counts the skipped ones as done.
-        skipped = job.steps - denoising_steps(job)
+        # V2V runs only its last steps; progress counts the skipped ones as done, and
+        # so does a resumed run the steps its earlier attempt finished.
+        resumed = resume.skip if resume is not None else 0
+        skipped = job.steps - denoising_steps(job) + resumed
         extras = StepExtras(pipe, job, self.loras, denoising_steps(job))
         # The first step at a new size compiles (minutes on real models): say so.
         compiling = self.production.compiles_at(pipe, (job.width, job.height, job.frames))
@@ -319,19 +240,34 @@ class GenerationRuntime:
         def on_block(module: Any, args: Any) -> None:
             control.check_abort()
             if tracker.phase not in ("denoising", "compiling"):
+                if resume is not None:  # a stop may now wait for the step's end
+                    control.set_resumable(True)
                 tracker.enter("compiling" if compiling else "denoising", skipped)
 
         def on_decoder(module: Any, args: Any) -> None:
+            if tracker.phase != "decoding":
+                control.set_resumable(False)
             control.check_abort()
             tracker.enter("decoding", job.steps)
 
         def on_step_end(called: Any, i: int, _t: Any, tensors: dict) -> dict:
-            done = skipped + i + 1
+            if i < resumed:  # the pipeline did not pass over the finished steps
+                raise RuntimeError(f"a run resumed at step {resumed} ran step {i}")
+            done = skipped - resumed + i + 1
             if tracker.phase == "compiling":  # the step event below says "denoising"
                 tracker.enter("denoising", done, report=False)
+            save = None
+            if resume is not None:
+                latents = tensors["latents"]
+
+                def save() -> None:
+                    resume.save(i + 1, latents, called.scheduler)
+
+                if resume.due():  # before the step is reported: a step seen is kept
+                    save()
             preview = extras.after_step(called, i, done, job.steps, tensors)
             hooks.progress(done, job.steps, "denoising", preview=preview)
-            control.step_boundary(hooks, done, job.steps)
+            control.step_boundary(hooks, done, job.steps, save=save)
             return {}
 
         try:
@@ -347,6 +283,19 @@ class GenerationRuntime:
         ]
         try:
             pipe.scheduler = runner.scheduler = scheduler_for(pipe.scheduler, job.flow_shift)
+            if resumed:
+                log.info(
+                    "job %d resumes at step %d of %d", resume.job_id, resumed, denoising_steps(job)
+                )
+                runner = resuming_view(runner, resumed)
+                if "strength" in task_args:  # V2V: its video only makes the first
+                    task_args.pop("video")  # latents, which the point replaces
+
+                def restore(scheduler: Any) -> None:
+                    resume.restore(scheduler)
+                    extras.start_at(scheduler, resumed)
+
+                restoring_scheduler(runner.scheduler, restore)
             output = runner(
                 **encode_prompts(pipe, job),
                 **task_args,
@@ -357,7 +306,10 @@ class GenerationRuntime:
                 generator=torch.Generator(device="cpu").manual_seed(job.seed),
                 output_type="np",
                 callback_on_step_end=on_step_end,
-                callback_on_step_end_tensor_inputs=extras.tensor_inputs,
+                callback_on_step_end_tensor_inputs=extras.tensor_inputs
+                if resume is None
+                else sorted({*extras.tensor_inputs, "latents"}),
+                **({"latents": resume.point.latents} if resume and resume.point else {}),
             )
         except OOM_ERRORS as exc:
             if torch.cuda.is_available():
@@ -368,6 +320,7 @@ class GenerationRuntime:
                 f"{job.frames} frames with {job.model}; try a smaller size or fewer frames",
             ) from exc
         finally:
+            control.set_resumable(False)
             for handle in handles:
                 handle.remove()
         if timings is not None:

@@ -68,6 +68,14 @@ class StepExtras:
         """What the pipeline must pass the callback."""
         return ["latents"] if self.every > 0 else []
 
+    def start_at(self, scheduler: Any, index: int) -> None:
+        """A resumed run starts at pipeline step `index`: give it that step's LoRA
+        weights, as the step before it would have. `scheduler` has its timesteps set."""
+        if self.loras is not None and index < self.steps:
+            self._boundary = boundary_step(scheduler, self.job.boundary_ratio)
+            self._boundary_known = True
+            self.loras.apply_step(self.pipe, index, self.steps, boundary=self._boundary)
+
     def after_step(
         self, called: Any, index: int, done: int, total: int, tensors: dict[str, Any]
     ) -> dict[str, Any] | None:

@@ -157,6 +157,7 @@ class Daemon:
                 self.bus.publish,
                 max_attempts=cfg.max_attempts,
             )
+            self.engine.sweep_resume_points(self.store.queue_order())
         self.server = Server(
             build_dispatcher(self),
             self.bus,
@@ -445,7 +446,8 @@ def run_daemon(
                         if daemon.stopping:
                             if daemon.requeue_now():
                                 log.warning(
-                                    "%s while stopping: requeueing the running job now", name
+                                    "%s while stopping: hurrying the running job back to the queue",
+                                    name,
                                 )
                                 continue
                             log.warning("another %s: stopping now", name)

@@ -15,7 +15,9 @@ worker goes through one lock.
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from ..media.persistence import MediaPersistenceContext
 from ..pipelines.inputs import TaskInputManager
 from ..pipelines.production import ProductionManager
 from ..pipelines.registry import ModelRegistry
+from ..pipelines.resume import ResumeStore
 from ..pipelines.runtime import GenerationRuntime
 from ..protocol import (
     JobSpec,
@@ -47,6 +50,8 @@ from ..protocol import (
 from .workers import JobRouter
 
 __all__ = ["Engine", "lora_roots", "preset_roots"]
+
+log = logging.getLogger(__name__)
 
 
 def lora_roots(config: ServerConfig) -> list[Path]:
@@ -75,12 +80,18 @@ class Engine:
         self.enhancer = PromptEnhancerBridge(config.enhancer, device=self.production.device)
         self.media = MediaPersistenceContext.from_config(config.media)
         access = InputAccess(config.input_folders)
+        self.resume = (
+            ResumeStore(config.state_path / "resume", every=config.engine.resume_every)
+            if config.engine.resume
+            else None
+        )
         self.generation = GenerationRuntime(
             self.production,
             config.output_path,
             media=self.media,
             loras=self.lora_manager,
             enhancer=self.enhancer,
+            resume=self.resume,
         )
         self.generation_inputs = TaskInputManager(
             self.registry,
@@ -105,6 +116,14 @@ class Engine:
         """The controller's Inputs: the router's resolve, under the libraries' lock."""
         with self._lock:
             return self.router.resolve(spec)
+
+    def sweep_resume_points(self, queued: Collection[int]) -> None:
+        """At start: drop the resume points of jobs that will not run again (they ended,
+        or were removed, while the daemon was down)."""
+        if self.resume is not None:
+            gone = self.resume.sweep(set(queued))
+            if gone:
+                log.info("removed the resume points of ended jobs %s", gone)
 
     # --- what clients ask -------------------------------------------------------------
 

@@ -1,0 +1,214 @@
+"""A job cut off mid-denoising goes on from its resume point and makes exactly the video
+an uninterrupted run makes, in every tiny family; points that do not fit are ignored.
+
+The cut here is a stop's suspend (the job unwinds at a step boundary after writing its
+point) or a point file put back as a kill would have left it; tests/e2e kills a real
+daemon with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from wangend.media.metadata import read_metadata
+from wangend.pipelines.control import JobAborted, JobControl
+from wangend.pipelines.resume import ResumeStore
+from wangend.pipelines.runtime import GenerationRuntime
+
+from .conftest import RecordingHooks
+from .test_families import CASES, family_registry, family_runtime, inputs, media, spec
+
+__all__ = ["family_registry", "family_runtime", "inputs", "media"]  # fixtures used here
+
+STEPS = 6
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ResumeStore:
+    return ResumeStore(tmp_path / "resume", every=0.0)  # a point after every step
+
+
+@pytest.fixture
+def resumable(family_runtime: GenerationRuntime, store: ResumeStore, tmp_path: Path):
+    """The family runtime's warm models, writing resume points and outputs of its own."""
+    return GenerationRuntime(family_runtime.production, tmp_path / "out", resume=store)
+
+
+def run(runtime: GenerationRuntime, job_id: int, job: Any, control=None, hooks=None):
+    hooks = hooks or RecordingHooks()
+    [path] = runtime.run(job_id, job, control or JobControl(), hooks)
+    return read_metadata(path), hooks
+
+
+def suspend_at(runtime: GenerationRuntime, job_id: int, job: Any, step: int) -> RecordingHooks:
+    """Run `job` and stop it as a daemon's stop does, when `step` steps are done."""
+    control, hooks = JobControl(), RecordingHooks()
+    hooks.on_progress = lambda done, steps, phase: (
+        control.request_suspend() if phase == "denoising" and done == step else None
+    )
+    with pytest.raises(JobAborted):
+        runtime.run(job_id, job, control, hooks)
+    return hooks
+
+
+def denoising_steps(hooks: RecordingHooks) -> list[int]:
+    """The step of each "denoising" progress event: first the step the phase starts
+    at, then one per finished step."""
+    return [step for step, _, phase in hooks.named("progress") if phase == "denoising"]
+
+
+@pytest.mark.parametrize(("model", "fields", "cls_name"), [("tiny", {}, "WanPipeline"), *CASES])
+def test_a_suspended_job_resumes_to_the_same_frames(
+    resumable, store, inputs, media, model, fields, cls_name
+) -> None:
+    job = inputs.resolve(msgspec.structs.replace(spec(model, media, **fields), steps=STEPS))
+    whole, _ = run(resumable, 1, job)
+    assert store.jobs() == []  # a finished job leaves no point behind
+
+    first = suspend_at(resumable, 2, job, step=4)
+    assert denoising_steps(first)[-1] == 4
+    assert store.jobs() == [2]
+
+    resumed, hooks = run(resumable, 2, job)
+    # the second attempt starts at step 4: no step before it runs again
+    assert denoising_steps(hooks) == [4, 5, 6]
+    assert resumed["frames_sha256"] == whole["frames_sha256"]
+    assert any("resumed at step 4 of 6" in note for note in resumed["notes"])
+    assert store.jobs() == []
+
+
+def test_a_kill_leaves_the_last_point_and_the_job_resumes_from_it(
+    resumable, store, inputs, media, tmp_path
+) -> None:
+    """What a kill -9 leaves on disk: the point of the last finished step (copied while
+    the run went on), then the run never ends."""
+    job = inputs.resolve(msgspec.structs.replace(spec("tiny-wan22", media), steps=STEPS))
+    kept = tmp_path / "kept.safetensors"
+    hooks = RecordingHooks()
+    hooks.on_progress = lambda done, steps, phase: (
+        shutil.copy(store.path(3), kept) if phase == "denoising" and done == 4 else None
+    )
+    whole, _ = run(resumable, 3, job, hooks=hooks)  # a step reported is on disk
+    shutil.copy(kept, store.path(3))
+
+    resumed, hooks = run(resumable, 3, job)
+    assert denoising_steps(hooks) == [4, 5, 6]
+    assert resumed["frames_sha256"] == whole["frames_sha256"]
+
+
+def test_a_user_abort_discards_the_point(resumable, store, inputs, media) -> None:
+    job = inputs.resolve(msgspec.structs.replace(spec("tiny", media), steps=STEPS))
+    control, hooks = JobControl(), RecordingHooks()
+    hooks.on_progress = lambda done, steps, phase: (
+        control.request_abort() if phase == "denoising" and done == 3 else None
+    )
+    with pytest.raises(JobAborted):
+        resumable.run(4, job, control, hooks)
+    assert store.jobs() == []
+
+
+def test_a_point_for_other_settings_is_not_used(resumable, store, inputs, media) -> None:
+    job = inputs.resolve(msgspec.structs.replace(spec("tiny", media), steps=STEPS))
+    suspend_at(resumable, 5, job, step=3)
+    other = msgspec.structs.replace(job, seed=job.seed + 1)
+    _, hooks = run(resumable, 5, other)
+    assert denoising_steps(hooks) == list(range(STEPS + 1))
+    assert store.jobs() == []
+
+
+def test_a_damaged_point_costs_only_the_head_start(resumable, store, inputs, media) -> None:
+    job = inputs.resolve(msgspec.structs.replace(spec("tiny", media), steps=STEPS))
+    whole, _ = run(resumable, 6, job)
+    suspend_at(resumable, 6, job, step=3)
+    data = store.path(6).read_bytes()
+    store.path(6).write_bytes(data[: len(data) // 2])
+    again, hooks = run(resumable, 6, job)
+    assert denoising_steps(hooks) == list(range(STEPS + 1))
+    assert again["frames_sha256"] == whole["frames_sha256"]
+
+
+def test_a_held_job_writes_its_point_and_a_stop_sends_it_back(
+    resumable, store, inputs, media
+) -> None:
+    """A pause writes the point before holding; a stop while held unwinds at once."""
+    job = inputs.resolve(msgspec.structs.replace(spec("tiny", media), steps=STEPS))
+    control, hooks = JobControl(), RecordingHooks()
+
+    def on_progress(done: int, steps: int, phase: str) -> None:
+        if phase == "denoising" and done == 2:
+            control.request_pause()
+
+    hooks.on_progress = on_progress
+    outcome: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            resumable.run(7, job, control, hooks)
+        except BaseException as exc:  # handed to the test thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert hooks.paused_event.wait(60)
+    assert store.jobs() == [7]  # written before the hold
+    control.request_suspend()
+    thread.join(60)
+    assert not thread.is_alive() and isinstance(outcome[0], JobAborted)
+    _, again = run(resumable, 7, job)
+    assert denoising_steps(again) == [2, 3, 4, 5, 6]
+
+
+def test_step_cache_runs_write_no_points(resumable, store, inputs, media) -> None:
+    job = inputs.resolve(
+        msgspec.structs.replace(spec("tiny", media), steps=STEPS, step_cache="fbc")
+    )
+    hooks = suspend_at(resumable, 8, job, step=3)
+    assert store.jobs() == []
+    # and a suspend lands at once there (the abort latch), not at a step boundary
+    assert denoising_steps(hooks)[-1] == 3
+
+
+def test_sweep_removes_points_of_jobs_that_are_not_queued(store, resumable, inputs, media):
+    job = inputs.resolve(msgspec.structs.replace(spec("tiny", media), steps=STEPS))
+    for job_id in (9, 10):
+        suspend_at(resumable, job_id, job, step=2)
+    (store.folder / ".11.abcd.tmp").write_bytes(b"half")
+    assert store.sweep(keep={10}) == [9]
+    assert store.jobs() == [10]
+    assert sorted(p.name for p in store.folder.iterdir()) == ["10.safetensors"]
+
+
+def test_a_lora_schedule_goes_on_at_the_resumed_step(
+    family_runtime, store, inputs, media, tmp_path
+) -> None:
+    """The step a run resumes at gets its own LoRA weight, as in an uninterrupted run."""
+    pytest.importorskip("peft", reason="LoRAs need peft")
+    from wangend.adapters.lora_injection import LoRAInjectionManager
+    from wangend.protocol import ResolvedLora
+
+    from ..adapters.lora_files import write_lora
+
+    path = write_lora(tmp_path / "glow.safetensors", "wan", seed=1, scale=2.0)
+    lora = ResolvedLora(name="glow", path=str(path), multiplier="1,0,1,0.5,0,1")
+    job = inputs.resolve(msgspec.structs.replace(spec("tiny", media), steps=STEPS))
+    job = msgspec.structs.replace(job, loras=[lora])
+    manager = LoRAInjectionManager(budget=2)
+    runtime = GenerationRuntime(
+        family_runtime.production, tmp_path / "out", resume=store, loras=manager
+    )
+    try:
+        whole, _ = run(runtime, 11, job)
+        plain, _ = run(runtime, 12, msgspec.structs.replace(job, loras=[]))
+        assert whole["frames_sha256"] != plain["frames_sha256"]  # the LoRA matters
+        suspend_at(runtime, 11, job, step=3)  # step 4 runs at weight 0.5
+        resumed, hooks = run(runtime, 11, job)
+        assert denoising_steps(hooks) == [3, 4, 5, 6]
+        assert resumed["frames_sha256"] == whole["frames_sha256"]
+    finally:
+        manager.hydrate(family_runtime.production.pipeline, [])

@@ -1,0 +1,293 @@
+"""Resume points: a running job's denoising state on disk, so that a job cut off by a
+crash, a kill -9, a power cut or a stop goes on from its last resume point instead of
+from step 0.
+
+A resume point is what the diffusers denoising loop carries from one step to the next
+and nothing else: the latents and the scheduler's state (the step index and, for
+multistep solvers such as the UniPC that Wan ships, the previous model outputs). Every
+other input of a step (prompt embeddings, conditioning latents, the timesteps) is
+rebuilt from the job spec exactly as the first attempt built it. Resuming therefore
+gives the frames an uninterrupted run gives: tests/pipelines/test_resume.py checks it
+bit for bit for every tiny family.
+
+When a point is written (runtime.py decides, this module writes):
+* every `[engine] resume_every` seconds of denoising (60 s by default: a step of a
+  real model takes seconds to minutes, a point costs one device-to-host copy of a few
+  tens of MB and a write);
+* when the job is held by a pause (a held job often outlives the machine's uptime);
+* when a stop asks the running job to go back to the queue (JobControl.request_suspend):
+  the job ends its current step, writes a point and unwinds.
+
+Runs with a step cache (fbc, mag, taylorseer, pab) write none: the caches carry their
+own per-step state inside diffusers hooks, so a resumed run would differ from an
+uninterrupted one. Such a job starts again from step 0, as before.
+
+One file per job, `<state dir>/resume/<job id>.safetensors`: tensors in safetensors (never
+pickle), the rest as JSON in its metadata, written to a temp file, fsynced and renamed,
+so a crash while writing leaves the previous point whole. A point records a fingerprint
+of the resolved job, the engine options, the device and the scheduler class: it is used
+only by the same job run the same way, and is discarded otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import torch
+
+from ..media.atomic import fsync_dir
+
+__all__ = [
+    "FORMAT",
+    "ResumePoint",
+    "ResumeStore",
+    "RunResume",
+    "fingerprint",
+    "restore_scheduler",
+    "scheduler_state",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "wangend-resume/1"
+_FILE = re.compile(r"(\d+)\.safetensors")
+_SCALARS = (bool, int, float, str, type(None))
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """`done` pipeline steps are finished; `latents` and `scheduler` are their result."""
+
+    done: int
+    latents: torch.Tensor
+    scheduler: dict[str, Any]
+
+
+def fingerprint(job: Any, options: Any, device: str, scheduler: Any) -> str:
+    """What must be equal for a point to be resumed: the resolved job (prompt, seed,
+    sizes, steps, LoRAs, dtype...), the engine options, the device and the scheduler."""
+    digest = hashlib.sha256(FORMAT.encode())
+    for part in (msgspec.json.encode(job), msgspec.json.encode(options)):
+        digest.update(part)
+    digest.update(f"|{device}|{type(scheduler).__module__}.{type(scheduler).__qualname__}".encode())
+    return digest.hexdigest()
+
+
+def _tensor_spec(value: torch.Tensor) -> dict[str, Any]:
+    return {"tensor": str(value.device)}
+
+
+def scheduler_state(scheduler: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """The scheduler's instance state as (description, tensors), or None when it holds
+    something this format cannot store (then the run writes no points)."""
+    description: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, value in vars(scheduler).items():
+        if name == "_internal_dict":  # the config: rebuilt from the model folder
+            continue
+        if isinstance(value, torch.Tensor):
+            tensors[f"scheduler.{name}"] = value
+            description[name] = _tensor_spec(value)
+        elif isinstance(value, _SCALARS):
+            description[name] = {"value": value}
+        elif isinstance(value, list | tuple):
+            items: list[dict[str, Any]] = []
+            for index, item in enumerate(value):
+                if isinstance(item, torch.Tensor):
+                    tensors[f"scheduler.{name}.{index}"] = item
+                    items.append(_tensor_spec(item))
+                elif isinstance(item, _SCALARS):
+                    items.append({"value": item})
+                else:
+                    return None
+            description[name] = {"items": items, "tuple": isinstance(value, tuple)}
+        else:
+            return None
+    return description, tensors
+
+
+def restore_scheduler(
+    scheduler: Any, description: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> None:
+    """Put the state `scheduler_state` described back on `scheduler`."""
+
+    def value(spec: dict[str, Any], key: str) -> Any:
+        if "tensor" in spec:
+            return tensors[key].to(spec["tensor"])
+        return spec["value"]
+
+    for name, spec in description.items():
+        if "items" in spec:
+            items = [value(item, f"scheduler.{name}.{i}") for i, item in enumerate(spec["items"])]
+            setattr(scheduler, name, tuple(items) if spec["tuple"] else items)
+        else:
+            setattr(scheduler, name, value(spec, f"scheduler.{name}"))
+
+
+class ResumeStore:
+    """The resume points of one daemon, one file per job in `folder`.
+
+    `every`: seconds of denoising between two points of a run (0: after every step).
+    Nothing here raises on I/O trouble: a point that cannot be written or read costs the
+    job its head start, never the job itself.
+    """
+
+    def __init__(self, folder: Path, every: float = 60.0) -> None:
+        self.folder = Path(folder)
+        self.every = every
+
+    def path(self, job_id: int) -> Path:
+        return self.folder / f"{job_id}.safetensors"
+
+    def write(
+        self, job_id: int, mark: str, done: int, latents: torch.Tensor, scheduler: Any
+    ) -> bool:
+        """Write the point after `done` pipeline steps; False when it was not written."""
+        from safetensors.torch import save_file
+
+        state = scheduler_state(scheduler)
+        if state is None:
+            return False
+        description, scheduler_tensors = state
+        # Copies on the host: the run goes on changing the device tensors, and
+        # safetensors refuses tensors that share storage (timestep_list holds views).
+        tensors = {
+            name: tensor.detach().to("cpu", copy=True).contiguous()
+            for name, tensor in {"latents": latents, **scheduler_tensors}.items()
+        }
+        header = {
+            "format": FORMAT,
+            "job": job_id,
+            "fingerprint": mark,
+            "done": done,
+            "latents": str(latents.device),
+            "scheduler": description,
+        }
+        final = self.path(job_id)
+        temp = self.folder / f".{job_id}.{secrets.token_hex(4)}.tmp"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            save_file(tensors, str(temp), metadata={"wangend": json.dumps(header)})
+            with open(temp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(temp, final)
+            fsync_dir(self.folder)
+        except OSError as exc:
+            log.warning("job %d: resume point not written: %s", job_id, exc.strerror or exc)
+            return False
+        finally:
+            temp.unlink(missing_ok=True)
+        return True
+
+    def read(self, job_id: int, mark: str) -> ResumePoint | None:
+        """The job's point when there is one written for `mark`; a point of another
+        fingerprint, or one that cannot be read, is discarded."""
+        from safetensors import safe_open
+
+        path = self.path(job_id)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = json.loads((handle.metadata() or {})["wangend"])
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+            if header.get("format") != FORMAT or header.get("fingerprint") != mark:
+                log.info("job %d: its resume point is for other settings; starting over", job_id)
+                self.discard(job_id)
+                return None
+            latents = tensors.pop("latents").to(header["latents"])
+            restore_scheduler(_Probe(), header["scheduler"], tensors)  # every tensor is there
+            return ResumePoint(
+                done=int(header["done"]),
+                latents=latents,
+                scheduler={"description": header["scheduler"], "tensors": tensors},
+            )
+        except Exception as exc:  # a damaged point must never cost the job
+            log.warning("job %d: resume point %s unreadable (%s); starting over", job_id, path, exc)
+            self.discard(job_id)
+            return None
+
+    def discard(self, job_id: int) -> None:
+        try:
+            self.path(job_id).unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("job %d: resume point not removed: %s", job_id, exc.strerror or exc)
+
+    def jobs(self) -> list[int]:
+        """Ids of the jobs that have a point."""
+        try:
+            names = os.listdir(self.folder)
+        except OSError:
+            return []
+        return sorted(int(m.group(1)) for name in names if (m := _FILE.fullmatch(name)))
+
+    def sweep(self, keep: Collection[int]) -> list[int]:
+        """Remove the points of jobs not in `keep` (ended or deleted while the daemon was
+        down), and temp files a crash left; returns the ids removed."""
+        gone = [job for job in self.jobs() if job not in keep]
+        for job in gone:
+            self.discard(job)
+        try:
+            for name in os.listdir(self.folder):
+                if name.startswith(".") and name.endswith(".tmp"):
+                    (self.folder / name).unlink(missing_ok=True)
+        except OSError:
+            pass
+        return gone
+
+
+class _Probe:
+    """A throwaway attribute holder: restoring onto it checks a point is complete."""
+
+
+class RunResume:
+    """One run's use of the store: the point it resumes from (if any) and when to write."""
+
+    def __init__(self, store: ResumeStore, job_id: int, mark: str) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.mark = mark
+        self.point = store.read(job_id, mark)
+        self._saved = self.point.done if self.point is not None else 0
+        self._last = time.monotonic()
+
+    @property
+    def skip(self) -> int:
+        """Pipeline steps this run skips (finished by an earlier attempt)."""
+        return self.point.done if self.point is not None else 0
+
+    def restore(self, scheduler: Any) -> None:
+        """Put the point's scheduler state on `scheduler` (after its set_timesteps)."""
+        if self.point is not None:
+            state = self.point.scheduler
+            restore_scheduler(scheduler, state["description"], state["tensors"])
+
+    def due(self) -> bool:
+        return time.monotonic() - self._last >= self.store.every
+
+    def save(self, done: int, latents: torch.Tensor, scheduler: Any) -> None:
+        """Write the point after `done` pipeline steps, unless it is already written."""
+        if done <= self._saved:
+            return
+        started = time.monotonic()
+        if self.store.write(self.job_id, self.mark, done, latents, scheduler):
+            self._saved = done
+            log.debug(
+                "job %d: resume point at step %d (%.3f s)",
+                self.job_id, done, time.monotonic() - started,
+            )  # fmt: skip
+        self._last = time.monotonic()
+
+    def discard(self) -> None:
+        self.store.discard(self.job_id)
