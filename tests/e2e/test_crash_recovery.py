@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from wangend.media.metadata import read_metadata
+
 from ..support.harness import DaemonProcess
 from ..support.outputs import files_under
 from ..support.wire import job_event, progressed
@@ -95,23 +97,57 @@ def test_a_paused_queue_stays_paused_after_kill_9(tmp_path: Path) -> None:
         daemon.stop()
 
 
-def test_sigterm_requeues_the_running_job_and_it_completes_after_restart(
+def test_sigterm_requeues_the_running_job_and_it_resumes_after_restart(
     tmp_path: Path,
 ) -> None:
+    """A stop sends the running job back to the queue at a step boundary, with its
+    resume point: the next start goes on from the step it stopped at."""
     daemon = DaemonProcess(tmp_path).start()
     try:
         with daemon.unix() as client:
             client.result("subscribe", {})
             job = client.result("enqueue", {"prompt": "stop gently", "steps": 60})["job"]
-            client.wait_event(progressed(job, 1))
+            seen = client.wait_event(progressed(job, 3))["data"]["step"]
         assert daemon.stop() == 0
+        assert f"job {job} is queued again" in daemon.log()
         daemon.start()
         with daemon.unix() as client:
-            client.result("subscribe", {})
-            record = client.result("status", {"job": job})
-            assert record["state"] in ("queued", "running")
-            if record["state"] != "succeeded":
-                final = client.wait_event(job_event(job, *TERMINAL), timeout=120)
-                assert final["type"] == "job.succeeded"
+            client.result("subscribe", {"since": 0})
+            final = client.wait_event(job_event(job, *TERMINAL), timeout=120)
+            assert final["type"] == "job.succeeded"
+            steps = [e["data"]["step"] for e in client.seen if progressed(job, 0)(e)]
+            assert steps[0] >= seen, (seen, steps)
     finally:
         daemon.stop()
+
+
+def test_kill_9_mid_denoising_resumes_from_the_last_point(tmp_path: Path) -> None:
+    """With a resume point after every step, a job killed at step 8 or later goes on
+    from there after the restart, to exactly the frames of an uninterrupted run."""
+    daemon = DaemonProcess(tmp_path, env={"WANGEN_ENGINE__RESUME_EVERY": "0"}).start()
+    spec = {"prompt": "resume me", "steps": 60, "seed": 5}
+    point = daemon.state_dir / "resume"
+    try:
+        with daemon.unix() as client:
+            client.result("subscribe", {})
+            job = client.result("enqueue", spec)["job"]
+            client.wait_event(progressed(job, 8))
+        daemon.kill9()
+        assert (point / f"{job}.safetensors").is_file()
+
+        daemon.start()
+        with daemon.unix() as client:
+            client.result("subscribe", {"since": 0})  # from the daemon's first event
+            final = client.wait_event(job_event(job, *TERMINAL), timeout=120)
+            assert final["type"] == "job.succeeded", final
+            steps = [e["data"]["step"] for e in client.seen if progressed(job, 0)(e)]
+            assert steps and steps[0] >= 8, steps  # never from step 0 again
+            again = client.result("enqueue", spec)["job"]  # the same job, not cut off
+            whole = client.wait_event(job_event(again, *TERMINAL), timeout=120)
+            assert whole["type"] == "job.succeeded", whole
+    finally:
+        daemon.stop()
+    resumed = read_metadata(final["data"]["outputs"][0])
+    assert resumed["frames_sha256"] == read_metadata(whole["data"]["outputs"][0])["frames_sha256"]
+    assert any(note.startswith("resumed at step") for note in resumed["notes"])
+    assert list(point.iterdir()) == []  # the point went with the job's end

@@ -102,7 +102,7 @@ def test_stop_grace_second_signal_and_restart(tmp_path: Path) -> None:
     finally:
         daemon.stop()
     assert stored(daemon, second)["state"] == "queued"
-    assert "SIGTERM while stopping: requeueing the running job now" in daemon.log()
+    assert "SIGTERM while stopping: hurrying the running job back to the queue" in daemon.log()
 
     # 3. The job resumes as queued at the next start; a grace period long enough lets it
     #    finish before the daemon exits, and no new work is taken meanwhile.

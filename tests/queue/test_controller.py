@@ -24,6 +24,7 @@ import pytest
 from wangend.errors import InvalidParams, ModelUnavailable, ShuttingDown, WrongState
 from wangend.pipelines.inputs import TaskInputManager
 from wangend.pipelines.production import ProductionManager
+from wangend.pipelines.resume import ResumeStore
 from wangend.pipelines.runtime import GenerationRuntime
 from wangend.protocol import Event, GenerateSpec, QueueCounts
 from wangend.queue.controller import QueueController
@@ -426,6 +427,41 @@ async def test_graceful_stop_puts_the_running_job_back_and_a_restart_runs_it(
         record = reopened.get(job)
         assert record.state == "succeeded" and record.attempts == 1
         assert recorder.started_order() == [job, job, waiting]
+
+
+async def test_a_stop_waits_for_the_step_then_the_restart_resumes_there(
+    store: JobStore,
+    runtime: GenerationRuntime,
+    inputs: TaskInputManager,
+    recorder: Recorder,
+    db_path: Path,
+    tmp_path: Path,
+) -> None:
+    """The stop lets the running step end and its resume point be written; with no
+    time to wait (`step_wait=0`) the job unwinds within a block and keeps the last
+    point. Either way the next start goes on from there, not from step 0."""
+    points = ResumeStore(tmp_path / "resume", every=0.0)
+    resumable = GenerationRuntime(runtime.production, tmp_path / "out", resume=points)
+    for step_wait in (20.0, 0.0):
+        controller = QueueController(store, resumable, inputs, recorder)
+        job = controller.enqueue(spec(steps=40)).job
+        async with anyio.create_task_group() as tg:
+            await tg.start(controller.run)
+            reached = await recorder.wait_for(on("job.progress", job, 3))
+            await controller.stop("graceful", timeout=20, step_wait=step_wait)
+        assert store.get(job).state == "queued" and points.jobs() == [job]
+
+        again = QueueController(store, resumable, inputs, recorder)
+        async with serving(again):
+            await recorder.wait_for(ended(job))
+        assert store.get(job).state == "succeeded" and points.jobs() == []
+        second_start = max(i for i, e in enumerate(recorder.events) if e.type == "job.started")
+        steps = [
+            e.data["step"]
+            for e in recorder.events[second_start:]
+            if e.job == job and e.type == "job.progress" and e.data["phase"] == "denoising"
+        ]
+        assert steps[0] >= reached.data["step"], (step_wait, steps)
 
 
 async def test_stop_finish_lets_the_job_end_and_graceful_requeues_a_held_one(

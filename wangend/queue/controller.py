@@ -413,18 +413,26 @@ class QueueController:
             )
         return self.state.paused, self.state.pause_mode, self.store.counts(), info
 
-    async def stop(self, mode: str = "graceful", timeout: float = 30.0, grace: float = 0.0) -> None:
+    async def stop(
+        self,
+        mode: str = "graceful",
+        timeout: float = 30.0,
+        grace: float = 0.0,
+        step_wait: float = 20.0,
+    ) -> None:
         """Take no new jobs, settle the running one, and let `run()` return.
 
         "graceful": the running job goes back to the queue at its old place, attempts
-        kept, and runs again from its first step at the next start. Its latents are not
-        persisted, so holding it at a step boundary would only delay the stop: it is told
-        to unwind at once (the abort latch, which lands within one transformer block and
-        also wakes a held job), and because the unwind was asked for by the stop, not by
-        a user, it ends `queued`, never `aborted`.
+        kept. It is told to suspend (JobControl.request_suspend): a denoising run ends
+        its current step, writes a resume point and unwinds, so the next start goes on
+        from that step; anything else (loading, encoding, decoding, a run with a step
+        cache) unwinds at once, within one block. A step that has not ended after
+        `step_wait` seconds is cut short too, and the next start resumes from the last
+        point written. Because the stop asked for the unwind, not a user, the job ends
+        `queued`, never `aborted`.
         With `grace` > 0, "graceful" first gives the running job up to `grace` seconds
         to finish and requeues it only if it has not; `requeue_running()` (a second
-        stop signal) cuts the wait short.
+        stop signal) cuts the wait short, and a third call cuts the step short.
         "finish": the running job runs to its end. A job held by "pause now" is
         requeued as in "graceful", since finishing it would break the pause.
         After `timeout` seconds stop returns anyway. The loop still records the job's
@@ -449,6 +457,12 @@ class QueueController:
             self.requeue_running()
         log.info("stopping (%s): waiting for job %d", mode, running.id)
         with anyio.move_on_after(timeout):
+            if running.requeue_requested:
+                with anyio.move_on_after(step_wait):
+                    await self._job_done.wait()
+                if not self._job_done.is_set():
+                    log.info("job %d: its step has not ended; unwinding now", running.id)
+                    running.control.request_suspend(at_once=True)
             await self._job_done.wait()
         if not self._job_done.is_set():
             # The process still waits for the worker (a thread is not cancelled) and the
@@ -461,14 +475,19 @@ class QueueController:
             )
 
     def requeue_running(self) -> bool:
-        """Tell the running (or held) job to unwind now and go back to the queue, as a
-        graceful stop does; False when nothing runs or it is already unwinding. A
-        second stop signal calls this to cut a grace period short."""
+        """Send the running (or held) job back to the queue, as a graceful stop does: it
+        suspends at its next step boundary; called again, at once. False when nothing
+        runs or it is already unwinding at once. A second stop signal calls this to cut
+        a grace period short, a third to cut the step short."""
         running = self.state.running
-        if running is None or running.requeue_requested or running.abort_requested:
+        if running is None or running.abort_requested or running.requeue_now:
             return False
+        if running.requeue_requested:
+            running.requeue_now = True
+            running.control.request_suspend(at_once=True)
+            return True
         running.requeue_requested = True
-        running.control.request_abort()
+        running.control.request_suspend()
         return True
 
 

@@ -36,6 +36,7 @@ class RunningJob:
     held: bool = False  # holding at a step boundary (the store says `paused`)
     abort_requested: bool = False  # a user asked: the unwind ends `aborted`
     requeue_requested: bool = False  # a graceful stop asked: the unwind ends `queued`
+    requeue_now: bool = False  # ... without waiting for the step boundary
     step_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
     last_step: int = 0
     last_step_at: float | None = None  # None: the next step cannot be timed
