@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) bench/control_plane.py
 	$(PY) bench/daemon_load.py
 	$(PY) bench/job_overhead.py
+	$(PY) bench/resume_points.py
 
 # The long crash torture: many jobs, many kill -9s at seeded random moments.
 TORTURE_JOBS ?= 40
