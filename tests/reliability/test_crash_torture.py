@@ -46,7 +46,8 @@ def _phase(daemon: DaemonProcess) -> str:
 def test_random_kill_9s_lose_no_job_and_finish_none_twice(tmp_path: Path) -> None:
     rng = random.Random(SEED)
     config = tmp_path / "wangend.toml"
-    config.write_text("max_attempts = 100\n")
+    # a resume point after every step: kills also land while one is written
+    config.write_text("max_attempts = 100\n[engine]\nresume_every = 0.0\n")
     daemon = DaemonProcess(tmp_path, "--config", str(config)).start()
     waves = [JOBS // (KILLS + 1) + (i < JOBS % (KILLS + 1)) for i in range(KILLS + 1)]
     queued: list[int] = []
@@ -96,3 +97,6 @@ def test_random_kill_9s_lose_no_job_and_finish_none_twice(tmp_path: Path) -> Non
     assert sorted(outputs) == recorded
     assert dot_files(daemon.output_dir) == []
     assert integrity(daemon.state_dir / "queue.sqlite3") == "ok"
+    resume = daemon.state_dir / "resume"  # every point went with its job, temp files too
+    leftover = sorted(resume.iterdir()) if resume.exists() else []
+    assert leftover == []
