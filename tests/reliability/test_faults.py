@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -248,11 +249,17 @@ def test_a_corrupt_model_folder_is_named_and_the_next_job_is_fine(
 def test_startup_refuses_a_locked_or_corrupt_database_and_a_taken_state_dir(
     tmp_path: Path,
 ) -> None:
-    """Three `wangend serve` runs side by side (each pays for importing torch)."""
+    """Five `wangend serve` runs side by side (each pays for importing torch), the last
+    two on a TCP port and a Unix socket that another program listens on."""
+    port_holder = socket.create_server(("127.0.0.1", 0))
+    socket_holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     cases: dict[str, DaemonProcess] = {}
-    for name in ("sqlite_locked", "corrupt", "flock"):
+    for name in ("sqlite_locked", "corrupt", "flock", "port_taken", "socket_taken"):
         cases[name] = DaemonProcess(tmp_path / name)
         cases[name].state_dir.mkdir(parents=True, mode=0o700)
+    cases["port_taken"].extra_args = ["--port", str(port_holder.getsockname()[1])]
+    socket_holder.bind(str(cases["socket_taken"].socket))
+    socket_holder.listen()
     db_path = cases["sqlite_locked"].state_dir / "queue.sqlite3"
     JobStore(db_path).close()  # a real queue database, then another program locks it
     holder = sqlite3.connect(db_path, isolation_level=None)
@@ -276,11 +283,15 @@ def test_startup_refuses_a_locked_or_corrupt_database_and_a_taken_state_dir(
     finally:
         holder.close()
         os.close(lock_fd)
+        port_holder.close()
+        socket_holder.close()
 
     expected = {
         "sqlite_locked": (3, ["queue database", "is locked by another process"]),
         "corrupt": (2, ["queue database", "cannot be used", "move it aside"]),
         "flock": (3, ["another wangend (pid 4242)", "already uses"]),
+        "port_taken": (3, ["cannot listen on 127.0.0.1:", "Address already in use", "--port"]),
+        "socket_taken": (3, ["another daemon is already listening on", "wangend.sock"]),
     }
     for name, (code, words) in expected.items():
         returncode, output = results[name]

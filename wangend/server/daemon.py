@@ -29,6 +29,7 @@ restart.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -70,7 +71,7 @@ from .statedir import (
     tokens_match,
 )
 from .systemd import Notifier, watchdog_interval
-from .transport import Server
+from .transport import ListenError, Server
 
 __all__ = ["Daemon", "StartupError", "run_daemon"]
 
@@ -214,28 +215,46 @@ class Daemon:
         task_status: anyio.abc.TaskStatus[dict[str, Any]] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         self._stop_requested = anyio.Event()
+        failure: StartupError | None = None
         try:
             self.build()
             async with anyio.create_task_group() as tg:
-                await tg.start(self.controller.run)
-                endpoint = await tg.start(self._serve_listeners)
-                self.accepting = True
-                self._write_endpoint(endpoint)
-                log.info("wangend %s ready (%s)", __version__, self._describe(endpoint))
-                self.notifier.ready(self.status_line())
-                if self.notifier.enabled:
-                    tg.start_soon(self._report_status)
-                    if self._watchdog:
-                        tg.start_soon(self._ping_watchdog, self._watchdog)
-                task_status.started(endpoint)
-                if shutdown_trigger is not None:
-                    tg.start_soon(self._stop_on, shutdown_trigger)
-                await self._stop_requested.wait()
-                await self._shutdown()
-                tg.cancel_scope.cancel()
+                # Listen first: an address in use must stop the start before any job runs.
+                try:
+                    endpoint = await tg.start(self._serve_listeners)
+                except ListenError as exc:  # raised here, unwrapped by the task group
+                    failure = StartupError(_listen_failure(exc), 3)
+                else:
+                    await self._serving(tg, endpoint, shutdown_trigger, task_status)
+                    tg.cancel_scope.cancel()
         finally:
             self._teardown()
             log.info("wangend stopped")
+        if failure is not None:
+            raise failure
+
+    async def _serving(
+        self,
+        tg: anyio.abc.TaskGroup,
+        endpoint: dict[str, Any],
+        shutdown_trigger: Callable[[], Awaitable[Any]] | None,
+        task_status: anyio.abc.TaskStatus[dict[str, Any]],
+    ) -> None:
+        """The listeners are up: start the queue, say ready, wait for the stop."""
+        await tg.start(self.controller.run)
+        self.accepting = True
+        self._write_endpoint(endpoint)
+        log.info("wangend %s ready (%s)", __version__, self._describe(endpoint))
+        self.notifier.ready(self.status_line())
+        if self.notifier.enabled:
+            tg.start_soon(self._report_status)
+            if self._watchdog:
+                tg.start_soon(self._ping_watchdog, self._watchdog)
+        task_status.started(endpoint)
+        if shutdown_trigger is not None:
+            tg.start_soon(self._stop_on, shutdown_trigger)
+        await self._stop_requested.wait()
+        await self._shutdown()
 
     async def _serve_listeners(self, *, task_status: anyio.abc.TaskStatus[dict[str, Any]]) -> None:
         cfg = self.config
@@ -402,6 +421,14 @@ class _ChangeFlag:
         self._event = anyio.Event()
 
 
+def _listen_failure(exc: ListenError) -> str:
+    """One line for an address the daemon cannot listen on, and what to do."""
+    message = exc.strerror or str(exc)
+    if exc.errno == errno.EADDRINUSE and "another daemon" not in message:
+        return f"{message}; another program holds it: stop it, or choose another --port/--socket"
+    return message
+
+
 def quiet_library_progress_bars() -> None:
     """tqdm bars from diffusers/transformers would flood the daemon's log; the daemon
     reports loading and steps as events instead."""
@@ -466,8 +493,14 @@ def run_daemon(
                     log.error("config reload failed, keeping the old config: %s", exc)
 
             tg.start_soon(on_signals)
-            await daemon.serve()
+            try:
+                await daemon.serve()
+            except StartupError as exc:  # outside the task group, so it arrives unwrapped
+                failure.append(exc)
             tg.cancel_scope.cancel()
 
+    failure: list[StartupError] = []
     anyio.run(main)
+    if failure:
+        raise failure[0]
     return 0
