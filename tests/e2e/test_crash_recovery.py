@@ -151,3 +151,25 @@ def test_kill_9_mid_denoising_resumes_from_the_last_point(tmp_path: Path) -> Non
     assert resumed["frames_sha256"] == read_metadata(whole["data"]["outputs"][0])["frames_sha256"]
     assert any(note.startswith("resumed at step") for note in resumed["notes"])
     assert list(point.iterdir()) == []  # the point went with the job's end
+
+
+def test_pause_after_current_then_kill_9_still_finishes_the_current_job(tmp_path: Path) -> None:
+    daemon = DaemonProcess(tmp_path).start()
+    try:
+        with daemon.unix() as client:
+            client.result("subscribe", {})
+            current = client.result("enqueue", {"prompt": "finish me", "steps": 150})["job"]
+            behind = client.result("enqueue", {"prompt": "wait", "steps": 2})["job"]
+            client.wait_event(progressed(current, 2))
+            client.result("pause", {"mode": "after_current"})
+        daemon.kill9()
+        daemon.start()
+        with daemon.unix() as client:
+            client.result("subscribe", {"since": 0})
+            final = client.wait_event(job_event(current, *TERMINAL), timeout=120)
+            assert final["type"] == "job.succeeded", final
+            status = client.result("status")
+            assert status["paused"] is True and status["pause_mode"] == "after_current", status
+            assert client.result("status", {"job": behind})["state"] == "queued"
+    finally:
+        daemon.stop()

@@ -464,6 +464,36 @@ async def test_a_stop_waits_for_the_step_then_the_restart_resumes_there(
         assert steps[0] >= reached.data["step"], (step_wait, steps)
 
 
+async def test_the_job_a_pause_after_current_lets_finish_still_finishes_after_a_stop(
+    controller: QueueController,
+    recorder: Recorder,
+    store: JobStore,
+    runtime: GenerationRuntime,
+    inputs: TaskInputManager,
+) -> None:
+    """`pause after_current`, then the daemon restarts before the job ended: the job
+    still runs to its end at the next start, and nothing after it starts."""
+    current = controller.enqueue(spec(steps=30)).job
+    behind = controller.enqueue(spec("behind")).job
+    async with anyio.create_task_group() as tg:
+        await tg.start(controller.run)
+        await recorder.wait_for(on("job.progress", current, 2))
+        controller.pause("after_current")
+        await controller.stop("graceful", timeout=20)
+    assert store.get(current).state == "queued"
+
+    restarted = QueueController(store, runtime, inputs, recorder)
+    assert restarted.snapshot()[:2] == (True, "after_current")
+    async with serving(restarted):
+        await recorder.wait_for(ended(current))
+        await anyio.wait_all_tasks_blocked()
+        assert store.get(current).state == "succeeded"
+        assert store.get(behind).state == "queued"  # the pause holds for the rest
+        restarted.resume()
+        await recorder.wait_for(ended(behind))
+    assert store.get_meta("pause_finishes") is None
+
+
 async def test_stop_finish_lets_the_job_end_and_graceful_requeues_a_held_one(
     controller: QueueController, recorder: Recorder, store: JobStore
 ) -> None:

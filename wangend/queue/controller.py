@@ -29,7 +29,7 @@ import anyio.from_thread
 import anyio.to_thread
 import msgspec
 
-from ..errors import InvalidParams, JobFailure, ShuttingDown, WrongState
+from ..errors import InvalidParams, JobFailure, ShuttingDown, UnknownJob, WrongState
 from ..pipelines.control import JobAborted, JobControl, RunHooks
 from ..protocol import (
     ClearResult,
@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 
 Publish = Callable[[str, int | None, dict[str, Any]], Event]
 PAUSE_META_KEY = "pause_mode"
+# The job a "pause after_current" lets finish. Stored, so a stop or a crash that sends
+# it back to the queue does not leave it waiting behind the pause it was exempt from.
+FINISHING_META_KEY = "pause_finishes"
 STOP_MODES = ("graceful", "finish")
 MESSAGE_LIMIT = 300  # characters of an unexpected exception kept in a job's error
 
@@ -146,13 +149,27 @@ class QueueController:
             self._limiter = anyio.CapacityLimiter(1)
         task_status.started()
         while not self._stopping:
-            record = None if self.state.paused else self.store.next_queued()
+            record = self._next()
             if record is None:
                 # No await between the check and the new Event, so no kick is lost.
                 self._wake = anyio.Event()
                 await self._wake.wait()
                 continue
             await self._run_one(record)
+
+    def _next(self) -> JobRecord | None:
+        """The job to start: the next queued one, or while paused "after_current" only
+        the job that pause lets finish, if a stop or a crash put it back in the queue."""
+        if not self.state.paused:
+            return self.store.next_queued()
+        finishing = self.store.get_meta(FINISHING_META_KEY)
+        if self.state.pause_mode != "after_current" or not finishing:
+            return None
+        try:
+            record = self.store.get(int(finishing))
+        except (UnknownJob, ValueError):
+            return None
+        return record if record.state == "queued" else None
 
     async def _run_one(self, queued: JobRecord) -> None:
         control = JobControl()
@@ -190,6 +207,9 @@ class QueueController:
             log.info("job %d succeeded: %s", done.id, ", ".join(done.outputs))
         finally:
             self.state.end()
+            finishing = self.store.get_meta(FINISHING_META_KEY) == str(record.id)
+            if finishing and self.store.get(record.id).state != "queued":  # it has ended
+                self.store.set_meta(FINISHING_META_KEY, None)
             done_event.set()
 
     def _unwound(self, running: RunningJob) -> None:
@@ -295,6 +315,9 @@ class QueueController:
                 running.control.request_pause()
             else:
                 running.control.release_pause()
+        if mode == "now" or running is not None:
+            finishing = str(running.id) if mode == "after_current" and running else None
+            self.store.set_meta(FINISHING_META_KEY, finishing)
         if self.state.pause_mode != mode:
             self.store.set_meta(PAUSE_META_KEY, mode)
             self.state.pause_mode = mode
@@ -307,6 +330,7 @@ class QueueController:
         jobs again. Resuming a queue that is not paused does nothing."""
         if self.state.pause_mode is not None:
             self.store.set_meta(PAUSE_META_KEY, None)
+            self.store.set_meta(FINISHING_META_KEY, None)
             self.state.pause_mode = None
             if self.state.running is not None:
                 self.state.running.control.release_pause()
