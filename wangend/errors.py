@@ -57,6 +57,16 @@ class UnknownJob(WangenError):
 class WrongState(WangenError):
     code = ErrorCode.WRONG_STATE
 
+    @classmethod
+    def of_job(cls, job: int, state: str, rule: str) -> WrongState:
+        """ "job 3 has succeeded; only a failed or aborted job can be retried": the
+        state in words a person would use, and `data` for scripts."""
+        said = _STATE_WORDS.get(state, f"is {state}")
+        return cls(f"job {job} {said}; {rule}", {"job": job, "state": state})
+
+
+_STATE_WORDS = {"succeeded": "has succeeded", "failed": "has failed", "aborted": "was aborted"}
+
 
 class ModelUnavailable(WangenError):
     code = ErrorCode.MODEL_UNAVAILABLE

@@ -277,7 +277,7 @@ async def test_abort_a_queued_job_cancels_it(
     record = controller.abort(drop)
     assert record.state == "aborted" and record.error.type == "Cancelled"
     assert recorder.types(drop) == ["job.queued", "job.aborted"]
-    with pytest.raises(WrongState, match="is aborted"):
+    with pytest.raises(WrongState, match="was aborted"):
         controller.abort(drop)
     async with serving(controller):
         controller.resume()

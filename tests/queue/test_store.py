@@ -82,7 +82,7 @@ def test_transitions_are_guarded_and_stamp_their_times(store: JobStore) -> None:
 
     with pytest.raises(WrongState) as info:
         store.transition(job, "aborted", allowed_from=("queued", *LIVE))
-    assert "is succeeded" in info.value.message and info.value.data["state"] == "succeeded"
+    assert "has succeeded" in info.value.message and info.value.data["state"] == "succeeded"
     assert store.get(job) == done  # nothing changed
     with pytest.raises(UnknownJob):
         store.transition(job + 1, "running", allowed_from=("queued",))

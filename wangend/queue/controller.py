@@ -355,10 +355,8 @@ class QueueController:
             return self.job(job_id)
         record = self.store.get(job_id)
         if record.state != "queued":
-            raise WrongState(
-                f"job {job_id} is {record.state}; only a queued, running or paused job can "
-                "be aborted",
-                {"job": job_id, "state": record.state},
+            raise WrongState.of_job(
+                job_id, record.state, "only a queued, running or paused job can be aborted"
             )
         error = JobError(type="Cancelled", message="cancelled before it started")
         record = self.store.transition(job_id, "aborted", allowed_from=("queued",), error=error)
@@ -384,9 +382,8 @@ class QueueController:
             raise ShuttingDown("the daemon is shutting down and takes no new jobs")
         record = self.store.get(job_id)
         if record.state not in ("failed", "aborted"):
-            raise WrongState(
-                f"job {job_id} is {record.state}; only a failed or aborted job can be retried",
-                {"job": job_id, "state": record.state},
+            raise WrongState.of_job(
+                job_id, record.state, "only a failed or aborted job can be retried"
             )
         spec = record.spec
         if enhance:

@@ -131,7 +131,7 @@ def _refuse(db: sqlite3.Connection, job_id: int, rule: str) -> NoReturn:
     row = db.execute(SELECT_STATE, (job_id,)).fetchone()
     if row is None:
         raise UnknownJob(job_id)
-    raise WrongState(f"job {job_id} is {row[0]}; {rule}", {"job": job_id, "state": row[0]})
+    raise WrongState.of_job(job_id, row[0], rule)
 
 
 def either(states: Sequence[str]) -> str:
@@ -358,10 +358,7 @@ class JobStore:
             if row is None:
                 raise UnknownJob(job_id)
             if row[0] != "queued":
-                raise WrongState(
-                    f"job {job_id} is {row[0]}; only a queued job can move",
-                    {"job": job_id, "state": row[0]},
-                )
+                raise WrongState.of_job(job_id, row[0], "only a queued job can move")
             slots = db.execute(SELECT_QUEUE_SLOTS).fetchall()
             positions = [pos for _id, _prio, pos in slots]  # ascending within the new order
             me = next(s for s in slots if s[0] == job_id)
