@@ -2,7 +2,8 @@
 
 Each command says what to ask the daemon and hands the answer to a renderer; none
 touches a socket (the client does) or formats output (render.py does). `_run` is the one
-boundary where the client's errors become a line on stderr and an exit code:
+boundary where the client's errors become a line on stderr (with --json, also an
+`{"error": ...}` object on stdout) and an exit code:
 
     0    ok
     1    the followed job failed or was aborted, or the daemon answered with an error
@@ -20,13 +21,14 @@ from __future__ import annotations
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+import typer.core
 
 from wangend.protocol import JOB_STATES, TERMINAL_STATES, Event
 
-from .render import TERMINAL_EVENTS, Renderer, make_renderer
+from .render import TERMINAL_EVENTS, JsonRenderer, Renderer, error_report, make_renderer
 
 if TYPE_CHECKING:
     from .client import Client
@@ -38,8 +40,46 @@ EXIT_CODES = (
     "with an error; 2 no daemon reachable, token refused, or usage error; 130 interrupted."
 )
 
-app = typer.Typer(
+
+class _Commands(typer.core.TyperGroup):
+    """The command group; with --json, a usage error is also an `{"error": ...}` line.
+
+    click still prints the usage and the error on stderr and exits 2; this only adds the
+    object on stdout, so a program reading stdout is told about every failure, not only
+    those that reach `_run`. An error in the global options before --json is read (a
+    mistyped option) stays text: there is no telling yet what the caller wanted.
+    """
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except typer.TyperException as exc:  # click's usage errors (typer's own copy)
+            if ctx.params.get("json"):
+                report = error_report(exc, exc.exit_code)
+                JsonRenderer().emit({"error": report})
+            raise
+
+
+class _Command(typer.core.TyperCommand):
+    """A command whose usage line is in the usual notation, `move [OPTIONS] JOB POSITION`
+    (as the README and the error messages name them), not typer's `{JOB} {POSITION}`."""
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        pieces = super().collect_usage_pieces(ctx)
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in pieces]
+
+
+class _App(typer.Typer):
+    """typer.Typer whose commands are `_Command`s (jobs_cli.py registers on it too)."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("cls", _Command)
+        return super().command(*args, **kwargs)
+
+
+app = _App(
     name="wangenctl",
+    cls=_Commands,
     help="Drive the wangend video generation daemon: submit jobs, follow them, manage the queue.",
     epilog=EXIT_CODES,
     no_args_is_help=True,
@@ -113,14 +153,18 @@ def _run(ctx: typer.Context, work: Work) -> None:
     try:
         code = anyio.run(session)
     except (DaemonUnavailable, AuthError) as exc:
-        out.error(str(exc))
-        raise typer.Exit(2) from None
+        _fail(out, exc, 2)
     except WangenctlError as exc:  # RpcError, ProtocolError
-        out.error(str(exc))
-        raise typer.Exit(1) from None
+        _fail(out, exc, 1)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     raise typer.Exit(code or 0)
+
+
+def _fail(out: Renderer, error: Exception, exit: int) -> NoReturn:
+    """Say why the command failed (a line; with --json also the object) and exit."""
+    out.error(str(error), error_report(error, exit))
+    raise typer.Exit(exit) from None
 
 
 # --- following a job ---------------------------------------------------------------------
@@ -225,11 +269,11 @@ async def _follow(
         try:
             if client.closed:  # the follower moved to a new connection
                 async with connect(opts.url, opts.token_file) as again:
-                    out.aborted(await again.abort(job))
+                    out.aborted(await again.abort(job), followed=True)
             else:
-                out.aborted(await client.abort(job))
+                out.aborted(await client.abort(job), followed=True)
         except RpcError as exc:
-            out.error(f"could not abort job {job}: {exc}")
+            out.error(f"could not abort job {job}: {exc}", error_report(exc, 130))
         return 130
     out.finished(ending[0])
     return 0 if ending[0].type == "job.succeeded" else 1
@@ -250,7 +294,7 @@ async def _enqueue_and_follow(
         return 0
     subscribed = await client.subscribe()
     result = await enqueue()
-    out.enqueued(result)
+    out.following(result)
     return await _follow(
         client,
         out,
@@ -279,7 +323,7 @@ from . import jobs_cli  # noqa: E402, F401
 @app.command()
 def retry(
     ctx: typer.Context,
-    job: Annotated[int, typer.Argument(help="a failed or aborted job")],
+    job: Annotated[int, typer.Argument(metavar="JOB", help="a failed or aborted job")],
     enhance: Annotated[
         bool,
         typer.Option("--enhance", help="enhance the original prompt again, not reuse the result"),
@@ -300,7 +344,7 @@ def retry(
 @app.command()
 def status(
     ctx: typer.Context,
-    job: Annotated[int | None, typer.Argument(help="show this job's record")] = None,
+    job: Annotated[int | None, typer.Argument(metavar="JOB", help="show this job's record")] = None,
 ) -> None:
     """The daemon's summary (version, device, warm model, queue, running job), or a job."""
 
@@ -313,24 +357,41 @@ def status(
     _run(ctx, work)
 
 
+def _parse_states(values: list[str] | None) -> list[str]:
+    """`-s queued,failed` and `-s queued -s failed` alike: the states, each once, in the
+    order given; an unknown one is a usage error naming the choices."""
+    states: list[str] = []
+    for value in values or []:
+        for name in filter(None, (part.strip() for part in value.split(","))):
+            if name not in JOB_STATES:
+                raise typer.BadParameter(
+                    f"unknown state {name!r}; one of {', '.join(JOB_STATES)}",
+                    param_hint="--state",
+                )
+            if name not in states:
+                states.append(name)
+    return states
+
+
 @app.command("list")
 def list_jobs(
     ctx: typer.Context,
     state: Annotated[
         list[str] | None,
-        typer.Option("--state", "-s", help=f"only these states ({', '.join(JOB_STATES)})"),
+        typer.Option(
+            "--state",
+            "-s",
+            metavar="STATE[,STATE...]",
+            help=f"only these states, comma-separated or repeated ({', '.join(JOB_STATES)})",
+        ),
     ] = None,
     limit: Annotated[int, typer.Option(min=1, max=10_000, help="at most this many")] = 100,
 ) -> None:
     """Jobs: queued ones in run order, then the rest newest first."""
-    bad = [s for s in state or [] if s not in JOB_STATES]
-    if bad:
-        raise typer.BadParameter(
-            f"unknown state {bad[0]!r}; one of {', '.join(JOB_STATES)}", param_hint="--state"
-        )
+    states = _parse_states(state)
 
     async def work(c: Client, out: Renderer) -> None:
-        out.jobs((await c.jobs(state or None, limit)).jobs)
+        out.jobs((await c.jobs(states or None, limit)).jobs)
 
     _run(ctx, work)
 
@@ -338,7 +399,7 @@ def list_jobs(
 @app.command()
 def watch(
     ctx: typer.Context,
-    job: Annotated[int | None, typer.Argument(help="follow only this job")] = None,
+    job: Annotated[int | None, typer.Argument(metavar="JOB", help="follow only this job")] = None,
 ) -> None:
     """Stream events with progress bars; reconnects and resumes if the link drops.
 
@@ -406,7 +467,9 @@ def resume(ctx: typer.Context) -> None:
 @app.command()
 def abort(
     ctx: typer.Context,
-    job: Annotated[int | None, typer.Argument(help="default: the running job")] = None,
+    job: Annotated[
+        int | None, typer.Argument(metavar="JOB", help="default: the running job")
+    ] = None,
 ) -> None:
     """Abort the running job (or cancel a queued one); the queue goes on."""
 
@@ -430,8 +493,8 @@ def clear(ctx: typer.Context) -> None:
 @app.command(context_settings={"ignore_unknown_options": True})
 def move(
     ctx: typer.Context,
-    job: Annotated[int, typer.Argument(help="a queued job")],
-    position: Annotated[int, typer.Argument(min=0, help="0 = next to run")],
+    job: Annotated[int, typer.Argument(metavar="JOB", help="a queued job")],
+    position: Annotated[int, typer.Argument(min=0, metavar="POSITION", help="0 = next to run")],
 ) -> None:
     """Move a queued job to another place in the queue."""
 
@@ -472,10 +535,17 @@ def shutdown(
 @app.command("import-queue")
 def import_queue(
     ctx: typer.Context,
-    file: Annotated[str, typer.Argument(help="Wan2GP queue.zip, queue.json or settings .json")],
+    file: Annotated[
+        str,
+        typer.Argument(metavar="FILE", help="Wan2GP queue.zip, queue.json or settings .json"),
+    ],
     model_map: Annotated[
         list[str] | None,
-        typer.Option("--model-map", help="WAN2GP_TYPE=MODEL, e.g. t2v=wan2.1-t2v-14b (repeat)"),
+        typer.Option(
+            "--model-map",
+            metavar="TYPE=MODEL",
+            help="WAN2GP_TYPE=MODEL, e.g. t2v=wan2.1-t2v-14b (repeat)",
+        ),
     ] = None,
     media_dir: Annotated[
         str | None,
@@ -501,8 +571,7 @@ def import_queue(
         mapping = importer.parse_model_map(model_map or [])
         queue = importer.read_queue(path)
     except importer.QueueImportError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        _fail(make_renderer(opts.json), exc, 2)
     folder = Path(media_dir).expanduser() if media_dir else importer.default_media_dir(path)
     tasks, attachments = importer.map_tasks(queue, mapping, folder)
 
@@ -519,8 +588,8 @@ def import_queue(
     try:
         importer.extract_media(queue, attachments)
     except OSError as exc:
-        typer.echo(f"error: cannot extract media to {folder}: {exc}", err=True)
-        raise typer.Exit(2) from None
+        problem = importer.QueueImportError(f"cannot extract media to {folder}: {exc}")
+        _fail(make_renderer(opts.json), problem, 2)
 
     async def work(c: Client, out: Renderer) -> int:
         from .client import RpcError

@@ -14,7 +14,8 @@ catch `WangenctlError` once and print one line.
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,6 +29,7 @@ __all__ = [
     "ProtocolError",
     "RpcError",
     "WangenctlError",
+    "invalid_params_text",
     "translate_socket_errors",
 ]
 
@@ -80,7 +82,69 @@ class RpcError(WangenctlError):
         return None
 
     def __str__(self) -> str:
-        return f"{self.message} (field {self.field})" if self.field else self.message
+        """The line a person reads: "steps: must be at most 500", not msgspec's "Expected
+        `int` <= 500". `message` keeps the daemon's own words (--json prints those)."""
+        return invalid_params_text(self.message, self.field) if self.field else self.message
+
+
+# msgspec's validation messages (the daemon passes them on for -32602), as a person would
+# put them. Anything else the daemon says is its own sentence already and is kept.
+_NOUNS = {"str": "characters", "array": "items", "object": "entries"}
+_KINDS = {
+    "int": "a whole number",
+    "float": "a number",
+    "str": "text",
+    "bool": "true or false",
+    "array": "a list",
+    "object": "an object",
+    "null": "null",
+}
+_BOUNDS = {">=": "at least", "<=": "at most", ">": "more than", "<": "less than"}
+_MSGSPEC: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
+    (re.compile(r"Expected `\w+` of length >= 1"), lambda m: "must not be empty"),
+    (
+        re.compile(r"Expected `(\w+)` of length (>=|<=) (\d+)"),
+        lambda m: f"must have {_BOUNDS[m[2]]} {m[3]} {_NOUNS.get(m[1], 'items')}",
+    ),
+    (
+        re.compile(r"Expected `(?:int|float)` (>=|<=|>|<) (\S+)"),
+        lambda m: f"must be {_BOUNDS[m[1]]} {m[2]}",
+    ),
+    (
+        re.compile(r"Expected `\w+` that's a multiple of (\S+)"),
+        lambda m: f"must be a multiple of {m[1]}",
+    ),
+    (re.compile(r"Expected `\w+` matching regex (.+)"), lambda m: f"must match {m[1]}"),
+    (
+        re.compile(r"Expected `([\w |]+)`, got `(\w+)`"),
+        lambda m: f"must be {_kinds(m[1])}, not {_kinds(m[2])}",
+    ),
+    (re.compile(r"Invalid (?:enum )?value (.+)"), lambda m: f"{m[1]} is not one of the choices"),
+    (re.compile(r"Object missing required field `\w+`"), lambda m: "is required"),
+    (re.compile(r"Object contains unknown field `\w+`"), lambda m: "is not a known field"),
+]
+
+
+def _kinds(spec: str) -> str:
+    return " or ".join(_KINDS.get(name, name) for name in spec.split(" | "))
+
+
+def invalid_params_text(message: str, field: str) -> str:
+    """A -32602 error for a person: "prompt: must not be empty" from msgspec's "Expected
+    `str` of length >= 1" at `$.params.prompt`.
+
+    The field is shown as the client sent it, without `$.params.`; a message of the
+    daemon's own that already names the field ("output_name must not be blank") is left
+    as it is, and one that does not gets the field in front.
+    """
+    name = field.removeprefix("$.params").removeprefix(".").removeprefix("$.") or "params"
+    for pattern, say in _MSGSPEC:
+        if match := pattern.fullmatch(message):
+            return f"{name}: {say(match)}"
+    words = re.findall(r"[A-Za-z_]\w*", name)
+    if not words or re.search(rf"\b{words[-1]}\b", message):
+        return message
+    return f"{name}: {message}"
 
 
 class ProtocolError(WangenctlError):

@@ -8,11 +8,12 @@ one: `EventFollower` opens connections with `connect()` (client.py), resubscribe
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping
 
 import anyio
 
-from wangend.protocol import Event
+from wangend.protocol import Event, StatusResult
 
 from .client import Client, connect
 from .errors import DaemonUnavailable
@@ -26,10 +27,16 @@ class EventFollower:
     When the connection drops (the daemon restarts, a subscriber is dropped for falling
     behind), it reconnects and resubscribes with `since` = the last seq it delivered, so
     the daemon's ring buffer fills the gap; replayed events it already delivered are
-    skipped. A restarted daemon numbers its events afresh, so then it replays everything
-    the new process holds. A daemon that was never reached fails at once (nothing to
-    resume); one that goes away is retried for `retry_for` seconds, and `on_notice` is
-    told why the stream paused so a person watching is not left guessing.
+    skipped. A daemon that was never reached fails at once (nothing to resume); one that
+    goes away is retried for `retry_for` seconds, and `on_notice` is told why the stream
+    paused so a person watching is not left guessing.
+
+    A restarted daemon is a new process (another pid or start time in `status`). Its
+    sequence numbers go on after the old ones, so `since` still skips nothing new, and
+    what it replays is all the new process holds; one that numbers afresh from 1 (an
+    older wangend) is asked for everything. Either way the notice says the daemon
+    restarted, not that events were dropped from its buffer: the old process's last
+    events went with it, and the new one's `complete: false` only says so again.
     """
 
     def __init__(
@@ -51,7 +58,7 @@ class EventFollower:
         self.on_notice = on_notice or (lambda _text: None)
         self.last_seq: int | None = since
         self.reconnects = 0
-        self._pid: int | None = None  # the daemon process the sequence numbers belong to
+        self._daemon: tuple[int, float] | None = None  # (pid, start time) of the process
 
     async def run(self, handle: Callable[[Event], bool], client: Client | None = None) -> None:
         """Deliver events until `handle` returns True.
@@ -70,15 +77,16 @@ class EventFollower:
             try:
                 if client is not None:
                     first, client = client, None
-                    self._pid = (await first.status()).pid
+                    self._daemon = _process(await first.status())
                     if await self._pump(first, handle):
                         return
                 else:
                     async with connect(url, self.token_file, env=self.env) as fresh:
+                        if lost_at is not None:
+                            self.on_notice(f"reconnected to {fresh.where}")
                         await self._subscribe(fresh)
                         if lost_at is not None:
                             self.reconnects += 1
-                            self.on_notice(f"reconnected to {fresh.where}")
                         connected_once, lost_at, delay = True, None, 0.1
                         url = fresh.where
                         if await self._pump(fresh, handle):
@@ -96,19 +104,21 @@ class EventFollower:
                 delay = min(delay * 2, 2.0)
 
     async def _subscribe(self, client: Client) -> None:
-        # Sequence numbers belong to one daemon process: after a restart they begin again
-        # at 1, so `since` from the old process would skip everything. A new pid (or a
-        # sequence behind ours) means "replay all the new process has".
         status = await client.status()
-        restarted = self._pid is not None and status.pid != self._pid
-        if self.last_seq is not None and (restarted or status.last_seq < self.last_seq):
-            self.on_notice("the daemon restarted; catching up from its start")
-            self.last_seq = 0
-        self._pid = status.pid
+        daemon = _process(status)
+        behind = self.last_seq is not None and status.last_seq < self.last_seq
+        restarted = behind or _restarted(self._daemon, daemon)
+        self._daemon = daemon
+        if restarted and self.last_seq is not None:
+            self.on_notice(
+                f"the daemon restarted (now pid {status.pid}); catching up from its start"
+            )
+            if behind:  # it numbers from 1 again: our `since` would skip all it has
+                self.last_seq = 0
         result = await client.subscribe(since=self.last_seq, jobs=self.jobs)
         if self.last_seq is None:
             self.last_seq = result.last_seq
-        elif not result.complete:
+        elif not result.complete and not restarted:
             self.on_notice(
                 f"the daemon no longer holds the events after #{self.last_seq}; "
                 "some progress was missed"
@@ -129,3 +139,16 @@ class EventFollower:
             if handle(event):
                 return True
         raise DaemonUnavailable(client.where, lost=True)
+
+
+def _process(status: StatusResult) -> tuple[int, float]:
+    """Which daemon process answered: its pid and when it started (to the second)."""
+    return status.pid, time.time() - status.uptime
+
+
+def _restarted(before: tuple[int, float] | None, now: tuple[int, float]) -> bool:
+    """A new pid, or the same pid started later (a container's pid 1 comes back as 1).
+    A second's slack covers the clock moving between the two `status` calls."""
+    if before is None:
+        return False
+    return now[0] != before[0] or now[1] - before[1] > 1.0

@@ -32,7 +32,7 @@ from wangend.protocol import (
     StepCache,
 )
 
-from .cli import DetachOpt, FollowOpt, Options, _enqueue_and_follow, _run, app
+from .cli import DetachOpt, FollowOpt, Options, _enqueue_and_follow, _fail, _run, app
 from .render import make_renderer
 
 if TYPE_CHECKING:
@@ -158,30 +158,32 @@ def _queue(
     _run(ctx, work)
 
 
-def _from_file(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+def _from_file(ctx: typer.Context, path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     from .inspect import spec_from_settings
 
     try:
-        return spec_from_settings(_read_settings(path), overrides)
+        return spec_from_settings(_read_settings(ctx, path), overrides)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--from") from None
 
 
-def _read_settings(path: Path) -> dict[str, Any]:
+def _read_settings(ctx: typer.Context, path: Path) -> dict[str, Any]:
     from .errors import WangenctlError
     from .inspect import read_settings
 
+    opts: Options = ctx.obj
     try:
         return read_settings(path)
     except WangenctlError as exc:
-        make_renderer(False).error(str(exc))
-        raise typer.Exit(1) from None
+        _fail(make_renderer(opts.json), exc, 1)
 
 
 @app.command()
 def submit(
     ctx: typer.Context,
-    prompt: Annotated[str | None, typer.Argument(help="what the video shows")] = None,
+    prompt: Annotated[
+        str | None, typer.Argument(metavar="PROMPT", help="what the video shows")
+    ] = None,
     model: Annotated[str | None, typer.Option(help="registry name, hub id or folder")] = None,
     negative: Annotated[str | None, typer.Option(help="negative prompt")] = None,
     width: Annotated[
@@ -191,7 +193,7 @@ def submit(
         int | None, typer.Option(help="pixels, a multiple of 16 (32 for Wan 2.2 TI2V)")
     ] = None,
     frames: Annotated[int | None, typer.Option(help="frame count, 4k+1")] = None,
-    steps: Annotated[int | None, typer.Option(help="denoising steps")] = None,
+    steps: Annotated[int | None, typer.Option(help="denoising steps, 1 to 500")] = None,
     guidance: Annotated[float | None, typer.Option(help="guidance scale")] = None,
     seed: Annotated[int | None, typer.Option(help="random when left out; recorded")] = None,
     fps: Annotated[int | None, typer.Option(help="frames per second of the file")] = None,
@@ -256,7 +258,8 @@ def submit(
     follow: FollowOpt = False,
     detach: DetachOpt = False,
 ) -> None:
-    """Queue a generation and print its job id (with --follow: progress, then the paths).
+    """Queue a generation and print its job id (with --follow: the id and progress on
+    stderr, then only the output paths on stdout).
 
     Ctrl-C while following aborts the job, unless --detach. With --from FILE the prompt is
     optional and every option given overrides the stored one.
@@ -306,7 +309,7 @@ def submit(
     if save_previews is not None and not follow and not dry_run:
         raise typer.BadParameter("previews are saved while following: add --follow")
     if from_file is not None:
-        spec = _from_file(from_file, fields)
+        spec = _from_file(ctx, from_file, fields)
         if spec.get("kind") != "generate":
             raise typer.BadParameter(
                 f"{from_file} was made by a {spec.get('kind')} job; use `wangenctl matanyone "
@@ -376,7 +379,7 @@ def matanyone(
     )
     fields |= _paths({"input": input, "mask": mask})
     if from_file is not None:
-        spec = _from_file(from_file, fields)
+        spec = _from_file(ctx, from_file, fields)
         if spec.get("kind") != "matanyone":
             raise typer.BadParameter(
                 f"{from_file} was not made by a matting job", param_hint="--from"
@@ -391,11 +394,13 @@ def matanyone(
 @app.command()
 def inspect(
     ctx: typer.Context,
-    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="an output")],
+    file: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, metavar="FILE", help="an output")
+    ],
 ) -> None:
     """Show the settings an output was made with (no daemon needed)."""
     opts: Options = ctx.obj
-    make_renderer(opts.json).settings(str(file), _read_settings(file))
+    make_renderer(opts.json).settings(str(file), _read_settings(ctx, file))
 
 
 @app.command()

@@ -29,12 +29,15 @@ class HumanEvents:
     """One progress bar per running job on a terminal; a plain line per change elsewhere.
 
     `job` set: the view follows one job, and its end is left to `Renderer.finished` (paths
-    on stdout). `job` None: a daemon-wide watch, so every end is a line here.
+    on stdout). `job` None: a daemon-wide watch, so every end is a line here. `announced`:
+    the renderer has already said that `job` was queued (from the enqueue reply), so its
+    first `job.queued` event makes no second line.
     """
 
-    def __init__(self, console: Console, job: int | None) -> None:
+    def __init__(self, console: Console, job: int | None, *, announced: bool = False) -> None:
         self.console = console
         self.job = job
+        self._quiet_queued = announced
         self._progress: Progress | None = None
         self._tasks: dict[int, TaskID] = {}
         self._phase: dict[int, str] = {}
@@ -157,10 +160,10 @@ class HumanEvents:
         if record.state in ("running", "paused"):
             self._current = record.id
             self._started[record.id] = record.started_at or time.time()
-            phase = "paused" if record.state == "paused" else (p.phase if p else "starting")
-            self._update(
-                record.id, phase, p.step if p else 0, p.steps if p else 0, p.eta if p else None
-            )
+            paused = record.state == "paused"
+            phase = "paused" if paused else (p.phase if p else "starting")
+            eta = p.eta if p and not paused else None  # a held job counts nothing down
+            self._update(record.id, phase, p.step if p else 0, p.steps if p else 0, eta)
         elif record.state == "queued":
             self._say(f"job {record.id} is queued")
 
@@ -176,6 +179,9 @@ class HumanEvents:
                 d.get("preview") if isinstance(d.get("preview"), dict) else None,
             )
         elif kind == "job.queued":
+            if job == self.job and self._quiet_queued:
+                self._quiet_queued = False
+                return
             self._say(f"job {job} queued at position {d.get('position', '?')}")
         elif kind == "job.started" and job is not None:
             self._current = job

@@ -6,9 +6,10 @@ command.
 
 People (`HumanRenderer`): data on stdout (a job id, output paths, tables), progress and
 notices on stderr. So `JOB=$(wangenctl submit ...)` captures the id and
-`wangenctl submit --follow ... > out.txt` captures the id, then the paths, while the
-terminal still shows the bars. Live bars need a terminal; elsewhere (logs, pipes) each phase
-change is one plain line (progress_view.py draws both).
+`OUT=$(wangenctl submit --follow ...)` captures only the paths: a followed job's id is
+said on stderr with its progress, which the terminal still shows. Live bars need a
+terminal; elsewhere (logs, pipes) each phase change is one plain line (progress_view.py
+draws both).
 
 Programs (`JsonRenderer`): every result, record and event is one compact JSON object
 per line on stdout, encoded by msgspec straight from the protocol Structs; lists (`list`,
@@ -16,6 +17,11 @@ per line on stdout, encoded by msgspec straight from the protocol Structs; lists
 `job.progress` event's preview JPEG is the one thing left out: its base64 `data` becomes
 `bytes` (the JPEG's size), so a log of events stays small; `--save-previews DIR` keeps the
 images, and the raw event stream still carries them.
+
+Failures: a person gets one `error: ...` line on stderr. With `--json` stdout also gets
+one `{"error": {...}}` object (`ErrorReport`), so a program reading stdout learns why
+the command failed without parsing text; an RpcError keeps the daemon's code, message
+and data exactly as sent. stderr stays for people in both modes.
 
 rich is imported only when something is drawn: `wangenctl --json ...` never loads it.
 """
@@ -51,10 +57,12 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 __all__ = [
+    "ErrorReport",
     "EventView",
     "HumanRenderer",
     "JsonRenderer",
     "Renderer",
+    "error_report",
     "format_seconds",
     "make_renderer",
 ]
@@ -104,6 +112,41 @@ def _error_text(data: dict[str, Any]) -> str:
     return str(error)
 
 
+class ErrorReport(msgspec.Struct, kw_only=True):
+    """Why a command failed, as `--json` prints it on stdout: `{"error": {...}}`.
+
+    `type` says which kind of failure (DaemonUnavailable, AuthError, RpcError,
+    ProtocolError, NoSettings, QueueImportError, UsageError); `code`, `message` and `data`
+    are the JSON-RPC error object for an RpcError, untouched, and `message` is the line a
+    person reads otherwise; `exit` is the exit status that follows.
+    """
+
+    type: str
+    message: str
+    code: int | None = None
+    data: Any = None
+    exit: int
+
+
+def error_report(error: BaseException, exit: int) -> ErrorReport:
+    """The report of an exception; click's usage errors all count as "UsageError"."""
+    from typer import TyperException
+
+    from .errors import RpcError
+
+    if isinstance(error, RpcError):
+        return ErrorReport(
+            type="RpcError", message=error.message, code=error.code, data=error.data, exit=exit
+        )
+    if isinstance(error, TyperException):
+        return ErrorReport(type="UsageError", message=error.format_message(), exit=exit)
+    return ErrorReport(type=type(error).__name__, message=str(error), exit=exit)
+
+
+class _ErrorLine(msgspec.Struct):
+    error: ErrorReport
+
+
 class EventView(Protocol):
     """Shows a stream of events; a context manager so live displays are torn down."""
 
@@ -116,18 +159,19 @@ class EventView(Protocol):
 
 class Renderer(Protocol):
     def enqueued(self, result: EnqueueResult) -> None: ...
+    def following(self, result: EnqueueResult) -> None: ...
     def status(self, result: StatusResult) -> None: ...
     def job(self, record: JobRecord) -> None: ...
     def jobs(self, records: list[JobRecord]) -> None: ...
     def models(self, models: list[ModelInfo]) -> None: ...
     def queue_state(self, result: QueueStateResult) -> None: ...
-    def aborted(self, record: JobRecord) -> None: ...
+    def aborted(self, record: JobRecord, *, followed: bool = False) -> None: ...
     def cleared(self, result: ClearResult) -> None: ...
     def moved(self, result: MoveResult) -> None: ...
     def stopping(self, mode: str) -> None: ...
     def finished(self, record_or_event: JobRecord | Event) -> None: ...
     def notice(self, text: str) -> None: ...
-    def error(self, text: str) -> None: ...
+    def error(self, text: str, report: ErrorReport) -> None: ...
     def events(self, job: int | None) -> EventView: ...
     def validated(self, result: ValidateResult) -> None: ...
     def loras(self, result: LorasResult) -> None: ...
@@ -143,7 +187,8 @@ def make_renderer(json_mode: bool) -> Renderer:
 
 
 class JsonRenderer:
-    """One JSON object per line on stdout; notices and errors stay on stderr as text."""
+    """One JSON object per line on stdout; notices stay on stderr as text, and an error is
+    both an object on stdout and its line on stderr."""
 
     def __init__(self) -> None:
         self._encode = msgspec.json.Encoder().encode
@@ -153,6 +198,10 @@ class JsonRenderer:
         sys.stdout.flush()
 
     def enqueued(self, result: EnqueueResult) -> None:
+        self.emit(result)
+
+    def following(self, result: EnqueueResult) -> None:
+        # The reply, then the job's events: a program learns the id from the first line.
         self.emit(result)
 
     def status(self, result: StatusResult) -> None:
@@ -172,7 +221,7 @@ class JsonRenderer:
     def queue_state(self, result: QueueStateResult) -> None:
         self.emit(result)
 
-    def aborted(self, record: JobRecord) -> None:
+    def aborted(self, record: JobRecord, *, followed: bool = False) -> None:
         self.emit(record)
 
     def cleared(self, result: ClearResult) -> None:
@@ -193,7 +242,8 @@ class JsonRenderer:
     def notice(self, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    def error(self, text: str) -> None:
+    def error(self, text: str, report: ErrorReport) -> None:
+        self.emit(_ErrorLine(report))
         print(f"error: {text}", file=sys.stderr, flush=True)
 
     def events(self, job: int | None) -> EventView:
@@ -238,6 +288,9 @@ class _JsonEvents:
 class HumanRenderer:
     """rich tables on stdout; notices, errors and progress on stderr."""
 
+    def __init__(self) -> None:
+        self._announced: set[int] = set()  # followed jobs whose id `following` said
+
     @cached_property
     def out(self) -> Console:
         from rich.console import Console
@@ -261,6 +314,12 @@ class HumanRenderer:
 
     def enqueued(self, result: EnqueueResult) -> None:
         self.line(str(result.job))
+
+    def following(self, result: EnqueueResult) -> None:
+        # stdout is kept for the paths (`OUT=$(wangenctl submit -f ...)`); the id is said
+        # here, and the view leaves out the job.queued event that would say it again.
+        self.err.print(f"job {result.job} queued at position {result.position}", markup=False)
+        self._announced.add(result.job)
 
     def status(self, result: StatusResult) -> None:
         q = result.queue
@@ -286,12 +345,10 @@ class HumanRenderer:
         run = result.running
         if run is not None:
             steps = f"{run.step}/{run.steps}" if run.steps else "-"
+            # A held job has no time left to count down: no eta until it resumes.
+            eta = "" if run.state == "paused" else f", eta {format_seconds(run.eta)}"
             rows.append(
-                (
-                    "running",
-                    f"job {run.job} ({run.model}) {run.state}, {run.phase} "
-                    f"{steps}, eta {format_seconds(run.eta)}",
-                )
+                ("running", f"job {run.job} ({run.model}) {run.state}, {run.phase} {steps}{eta}")
             )
         else:
             rows.append(("running", "nothing"))
@@ -302,13 +359,8 @@ class HumanRenderer:
         rows = [("job", str(record.id)), ("state", record.state), *_spec_rows(record.spec)]
         rows += [("priority", str(record.priority)), ("attempts", str(record.attempts))]
         if progress is not None and record.state not in TERMINAL_STATES:
-            rows.append(
-                (
-                    "progress",
-                    f"{progress.phase} {progress.step}/{progress.steps}, "
-                    f"eta {format_seconds(progress.eta)}",
-                )
-            )
+            eta = "" if record.state == "paused" else f", eta {format_seconds(progress.eta)}"
+            rows.append(("progress", f"{progress.phase} {progress.step}/{progress.steps}{eta}"))
         if record.retry_of is not None:
             rows.append(("retry of", str(record.retry_of)))
         rows += [
@@ -411,9 +463,8 @@ class HumanRenderer:
         self.line(f"{path}: made by wangend {document.get('wangend', '?')} at {made}")
         if document.get("job") is not None:
             self.line(f"job {document['job']} on {document.get('device', '?')}")
-        self._pairs(settings)
-        if document.get("frames_sha256"):
-            self.line(f"frames_sha256  {document['frames_sha256']}")
+        # One column for the settings and the frames' hash alike.
+        self._pairs({**settings, "frames_sha256": document.get("frames_sha256")})
 
     def _pairs(self, values: dict[str, Any], indent: str = "") -> None:
         """key  value lines, empty values left out, nested values as compact JSON."""
@@ -435,10 +486,16 @@ class HumanRenderer:
         else:
             self.line("queue paused")
 
-    def aborted(self, record: JobRecord) -> None:
+    def aborted(self, record: JobRecord, *, followed: bool = False) -> None:
+        """`followed`: Ctrl-C aborted the job being followed, whose stdout is kept for
+        output paths, so the line goes to stderr with its progress."""
         # A queued job is cancelled at once; a running one stops at its next block.
         done = record.state in TERMINAL_STATES
-        self.line(f"job {record.id} {record.state if done else 'aborting'}")
+        text = f"job {record.id} {record.state if done else 'aborting'}"
+        if followed:
+            self.err.print(text, markup=False)
+        else:
+            self.line(text)
 
     def cleared(self, result: ClearResult) -> None:
         n = len(result.cancelled)
@@ -471,13 +528,13 @@ class HumanRenderer:
     def notice(self, text: str) -> None:
         self.err.print(text, markup=False, style="dim")
 
-    def error(self, text: str) -> None:
+    def error(self, text: str, report: ErrorReport) -> None:
         self.err.print(f"error: {text}", markup=False)
 
     def events(self, job: int | None) -> EventView:
         from .progress_view import HumanEvents
 
-        return HumanEvents(self.err, job)
+        return HumanEvents(self.err, job, announced=job in self._announced)
 
     def _grid(self, rows: list[tuple[str, str]]) -> None:
         # Plain aligned lines, not a rich table: no padding, no wrapping, easy to grep.

@@ -95,10 +95,52 @@ def test_usage_errors_exit_2(args: list[str], env: dict[str, str]) -> None:
     assert invoke(*args).exit_code == 2
 
 
+ARGUMENTS = {
+    "submit": "[PROMPT]",
+    "retry": "JOB",
+    "status": "[JOB]",
+    "watch": "[JOB]",
+    "abort": "[JOB]",
+    "move": "JOB POSITION",
+    "inspect": "FILE",
+    "import-queue": "FILE",
+}
+
+
+@pytest.mark.parametrize(("command", "arguments"), ARGUMENTS.items())
+def test_usage_names_arguments_as_the_errors_do(command: str, arguments: str) -> None:
+    usage = invoke(command, "--help").stdout.splitlines()[0]
+    assert usage == f"Usage: wangenctl {command} [OPTIONS] {arguments}"
+
+
+def test_a_missing_prompt_is_named_as_the_usage_line_names_it(env: dict[str, str]) -> None:
+    result = invoke("submit")
+    assert result.exit_code == 2
+    assert "Usage: wangenctl submit [OPTIONS] [PROMPT]" in result.stderr
+    assert "Invalid value for PROMPT: a prompt is needed" in result.stderr
+
+
+def test_steps_help_gives_the_cap() -> None:
+    text = " ".join(invoke("submit", "--help").stdout.split())
+    assert "--steps <int> denoising steps, 1 to 500" in text
+
+
+def test_list_state_help_says_commas_or_repeats() -> None:
+    text = " ".join(invoke("list", "--help").stdout.split())
+    assert "-s, --state STATE[,STATE...] only these states, comma-separated or repeated" in text
+    assert "<list[str]>" not in text
+
+
+def test_an_unknown_state_among_commas_is_named(env: dict[str, str]) -> None:
+    result = invoke("list", "-s", "queued,done")
+    assert result.exit_code == 2
+    assert "unknown state 'done'; one of queued, running" in result.stderr
+
+
 def test_a_negative_position_is_out_of_range_not_an_unknown_option(env: dict[str, str]) -> None:
     result = invoke("move", "4", "-1")
     assert result.exit_code == 2
-    assert "position" in result.output and "No such option" not in result.output
+    assert "POSITION" in result.output and "No such option" not in result.output
 
 
 # --- no daemon: one line, exit 2, never a traceback ----------------------------------------
@@ -127,6 +169,55 @@ def test_missing_socket_is_one_line_and_exit_2(env: dict[str, str], sock_path: P
         f"error: no wangend daemon at unix://{sock_path}",
         "start one with `wangend serve`",
     )
+
+
+def test_json_missing_socket_is_one_object_on_stdout(env: dict[str, str], sock_path: Path) -> None:
+    result = run_wangenctl(env, "--json", "--url", f"unix://{sock_path}", "status")
+    assert result.returncode == 2
+    [line] = result.stdout.splitlines()
+    message = (
+        f"no wangend daemon at unix://{sock_path} (no such socket; start one with `wangend serve`)"
+    )
+    assert json.loads(line) == {
+        "error": {
+            "type": "DaemonUnavailable",
+            "message": message,
+            "code": None,
+            "data": None,
+            "exit": 2,
+        }
+    }
+    assert_one_line(result.stderr, f"error: {message}")  # and the line for people
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["list", "-s", "queued,done"], "unknown state 'done'"),
+        (["frobnicate"], "No such command 'frobnicate'"),
+        (["move", "3"], "Missing argument 'POSITION'"),
+    ],
+)
+def test_json_usage_errors_are_an_object_too(
+    args: list[str], said: str, env: dict[str, str]
+) -> None:
+    result = invoke("--json", *args)
+    assert result.exit_code == 2
+    [line] = result.stdout.splitlines()
+    error = json.loads(line)["error"]
+    assert (error["type"], error["exit"], error["code"]) == ("UsageError", 2, None)
+    assert said in error["message"]
+    assert said in result.stderr  # click's usage text is still there for people
+
+
+def test_json_inspect_of_a_file_without_settings(env: dict[str, str], tmp_path: Path) -> None:
+    plain = tmp_path / "notes.json"
+    plain.write_text("{}")
+    result = invoke("--json", "inspect", str(plain))
+    assert result.exit_code == 1
+    error = json.loads(result.stdout)["error"]
+    assert error["type"] == "NoSettings" and error["exit"] == 1
+    assert str(plain) in error["message"]
 
 
 def test_closed_tcp_port_is_one_line_and_exit_2(env: dict[str, str]) -> None:
@@ -312,11 +403,29 @@ def test_submit_prints_the_id_and_sends_only_given_fields(fake: tuple[FakeDaemon
     )
 
 
-def test_invalid_params_name_the_field(fake: tuple[FakeDaemon, str]) -> None:
+def test_invalid_params_name_the_field_in_words(fake: tuple[FakeDaemon, str]) -> None:
     _, url = fake
     result = invoke("--url", url, "submit", "x", "--steps", "0")
     assert result.exit_code == 1
-    assert result.stderr == "error: Expected `int` >= 1 (field $.params.steps)\n"
+    assert result.stderr == "error: steps: must be at least 1\n"
+    assert result.stdout == ""
+
+
+def test_json_error_keeps_the_daemons_own_words(fake: tuple[FakeDaemon, str]) -> None:
+    _, url = fake
+    result = invoke("--url", url, "--json", "submit", "x", "--steps", "0")
+    assert result.exit_code == 1
+    [line] = result.stdout.splitlines()
+    assert json.loads(line) == {
+        "error": {
+            "type": "RpcError",
+            "message": "Expected `int` >= 1",
+            "code": -32602,
+            "data": {"field": "$.params.steps"},
+            "exit": 1,
+        }
+    }
+    assert result.stderr == "error: steps: must be at least 1\n"  # people still read it
 
 
 def test_rpc_errors_exit_1(fake: tuple[FakeDaemon, str]) -> None:
@@ -324,6 +433,23 @@ def test_rpc_errors_exit_1(fake: tuple[FakeDaemon, str]) -> None:
     assert invoke("--url", url, "abort").stderr == "error: nothing is running\n"
     result = invoke("--url", url, "status", "404")
     assert (result.exit_code, result.stderr) == (1, "error: no job with id 404\n")
+
+
+@pytest.mark.parametrize(
+    ("args", "sent"),
+    [
+        (["-s", "queued,failed"], ["queued", "failed"]),
+        (["-s", "queued, failed", "--state", "running,queued"], ["queued", "failed", "running"]),
+        (["-s", "aborted"], ["aborted"]),
+    ],
+)
+def test_list_takes_states_comma_separated_and_repeated(
+    fake: tuple[FakeDaemon, str], args: list[str], sent: list[str]
+) -> None:
+    daemon, url = fake
+    result = invoke("--url", url, "list", *args)
+    assert result.exit_code == 0, result.output
+    assert daemon.calls[-1][1:] == ("jobs", {"limit": 100, "state": sent})
 
 
 def test_list_table_and_json_lines(fake: tuple[FakeDaemon, str]) -> None:
@@ -363,7 +489,10 @@ def test_follow_subscribes_first_and_ends_with_the_path(story_daemon: Any) -> No
     daemon, url = story_daemon
     result = invoke("--url", url, "submit", "a fox", "--follow")
     assert result.exit_code == 0, result.output
-    assert result.stdout == "5\n/out/5.mp4\n"
+    # stdout is only the path (`OUT=$(wangenctl submit -f ...)`); the id is on stderr, once.
+    assert result.stdout == "/out/5.mp4\n"
+    assert result.stderr.splitlines()[0] == "job 5 queued at position 0"
+    assert result.stderr.count("job 5 queued") == 1
     assert [m for _, m, _ in daemon.calls][:2] == ["subscribe", "enqueue"]
     # Progress is on stderr: the model load it waited for, and not job 6's steps.
     assert "loading model tiny" in result.stderr
@@ -379,7 +508,8 @@ def test_follow_of_a_failing_job_exits_1(story_daemon: Any) -> None:
     _, url = story_daemon
     result = invoke("--url", url, "submit", "a fox", "-f")
     assert result.exit_code == 1
-    assert result.stdout == "5\n"
+    assert result.stdout == ""
+    assert "job 5 queued at position 0" in result.stderr
     assert result.stderr.splitlines()[-1] == "job 5 failed: OutOfMemory: CUDA out of memory"
 
 

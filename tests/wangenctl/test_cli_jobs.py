@@ -155,7 +155,8 @@ def test_previews_are_saved_while_following(daemon: DaemonProcess, tmp_path: Pat
         "--follow", *SMALL,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    job = int(done.stdout.split()[0])
+    job = int(done.stderr.split()[1])  # "job 5 queued at position 0": stdout is the path
+    assert Path(done.stdout.strip()).is_file()
     assert sorted(p.name for p in folder.iterdir()) == [f"{job}-1.jpg", f"{job}-2.jpg"]
     with Image.open(folder / f"{job}-2.jpg") as image:
         assert image.format == "JPEG"

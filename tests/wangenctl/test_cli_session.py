@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -93,15 +94,22 @@ def queued_ids(daemon: Any) -> list[int]:
 # --- the session ----------------------------------------------------------------------------
 
 
-def test_submit_follow_prints_the_path_and_the_file_exists(daemon: Any) -> None:
-    out = ok(ctl(daemon, "submit", "a red fox in the snow", "--steps", "2", "--follow"))
-    job, *paths = out.splitlines()
-    assert job.isdigit()
-    assert len(paths) == 1
-    path = Path(paths[0])
+def test_submit_follow_prints_only_the_path_and_the_file_exists(daemon: Any) -> None:
+    """`out=$(wangenctl submit ... -f 2>/dev/null)` is the path; the id goes to stderr."""
+    done = ctl(daemon, "submit", "a red fox in the snow", "--steps", "2", "--follow")
+    [line] = ok(done).splitlines()
+    path = Path(line)
     assert path.is_file() and path.stat().st_size > 0
     assert path.parent == Path(daemon.output_dir)
-    assert job_record(daemon, int(job))["outputs"] == [str(path)]
+    job = followed_job(done.stderr)
+    assert job_record(daemon, job)["outputs"] == [str(path)]
+
+
+def followed_job(stderr: str) -> int:
+    """The id `submit --follow` says on stderr ("job 5 queued at position 0")."""
+    match = re.search(r"^job (\d+) queued at position \d+$", stderr, re.MULTILINE)
+    assert match is not None, stderr
+    return int(match[1])
 
 
 def test_json_submit_prints_one_line_then_watch_waits_for_it(daemon: Any) -> None:
@@ -199,7 +207,9 @@ def test_ctrl_c_while_following_aborts_the_job(daemon: Any) -> None:
     finally:
         follower.kill()
     assert follower.returncode == 130, stderr
-    assert stdout.splitlines()[0] == str(job)
+    assert followed_job(stderr) == job
+    assert stdout == ""  # "job N aborting" is said on stderr, with the progress
+    assert re.search(rf"^job {job} abort(ing|ed)$", stderr, re.MULTILINE), stderr
     assert "Traceback" not in stderr
     # The client leaves on the abort's reply ("aborting"); the worker stops at its next
     # block, which a loaded machine may reach a moment later.
@@ -226,9 +236,36 @@ def test_mistakes_are_one_line_and_exit_1(daemon: Any) -> None:
     unknown = ctl(daemon, "status", "999999")
     assert (unknown.returncode, unknown.stderr) == (1, "error: no job with id 999999\n")
     bad = ctl(daemon, "submit", "x", "--steps", "0")
-    assert bad.returncode == 1
-    assert bad.stderr.startswith("error: ") and "steps" in bad.stderr
-    assert len(bad.stderr.splitlines()) == 1
+    assert (bad.returncode, bad.stderr) == (1, "error: steps: must be at least 1\n")
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["submit", ""], "prompt: must not be empty"),
+        (["submit", "x", "--frames", "0"], "frames: must be at least 1"),
+        (["submit", "x", "--steps", "1000"], "steps: must be at most 500"),
+    ],
+)
+def test_invalid_params_are_said_in_words(daemon: Any, args: list[str], said: str) -> None:
+    done = ctl(daemon, *args)
+    assert (done.returncode, done.stdout, done.stderr) == (1, "", f"error: {said}\n")
+
+
+def test_json_errors_are_one_object_with_the_daemons_words(daemon: Any) -> None:
+    done = ctl(daemon, "--json", "submit", "x", "--steps", "1000")
+    assert done.returncode == 1
+    [line] = done.stdout.splitlines()
+    error = json.loads(line)["error"]
+    assert error["type"] == "RpcError" and error["code"] == -32602 and error["exit"] == 1
+    assert error["message"] == "Expected `int` <= 500"
+    assert error["data"]["field"] == "$.params.steps"
+    unknown = json.loads(ctl(daemon, "--json", "status", "999999").stdout)["error"]
+    assert (unknown["code"], unknown["message"], unknown["exit"]) == (
+        -32002,
+        "no job with id 999999",
+        1,
+    )
 
 
 def queued_or_running(daemon: Any) -> list[int]:
@@ -253,6 +290,9 @@ def test_watch_resumes_across_a_daemon_restart(tmp_path: Path) -> None:
         assert watcher.returncode == 0, stderr
         assert Path(stdout.strip()).is_file()
         assert "reconnecting" in stderr
+        # A new process, said as such; not "no longer holds the events after #0".
+        assert "the daemon restarted (now pid" in stderr
+        assert "no longer holds" not in stderr
     finally:
         if watcher is not None:
             watcher.kill()
