@@ -90,7 +90,9 @@ class HumanEvents:
             self._preview[job] = f"preview {preview.get('step', step)}/{steps or '?'}"
         if self._progress is None:
             if changed and phase not in _ANNOUNCED:
-                steps_text = f" ({steps} steps)" if phase == "denoising" and steps else ""
+                steps_text = ""
+                if phase == "denoising" and steps:  # a resumed or V2V run starts later
+                    steps_text = f" from step {step} of {steps}" if step else f" ({steps} steps)"
                 self._say(f"job {job}: {phase}{steps_text}")
             if preview is not None:
                 size = f"{preview.get('width', '?')}x{preview.get('height', '?')}"

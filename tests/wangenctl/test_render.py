@@ -15,7 +15,7 @@ from rich.console import Console
 from wangenctl.errors import RpcError, invalid_params_text
 from wangenctl.progress_view import HumanEvents
 from wangenctl.render import HumanRenderer
-from wangend.protocol import JobRecord, StatusResult
+from wangend.protocol import Event, JobRecord, StatusResult
 
 SPEC = {
     "kind": "generate",
@@ -170,3 +170,23 @@ def test_invalid_params_in_words(message: str, field: str, said: str) -> None:
 
 def test_other_errors_are_the_daemons_message() -> None:
     assert str(RpcError(-32002, "no job with id 4", {"job": 4})) == "no job with id 4"
+
+
+def test_a_run_that_starts_late_says_from_which_step() -> None:
+    """Without a terminal each phase is a line; a resumed run enters denoising at the step
+    its resume point holds, and the line says so."""
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=False, width=150)
+
+    def progress(seq: int, step: int) -> Event:
+        data = {"step": step, "steps": 200, "phase": "denoising"}
+        return Event(seq=seq, ts=0.0, type="job.progress", job=7, data=data)
+
+    with HumanEvents(console, 7) as view:
+        view.event(progress(1, 63))
+    with HumanEvents(console, 8) as view:
+        view.event(msgspec.structs.replace(progress(2, 0), job=8))
+    assert screen.getvalue().splitlines() == [
+        "job 7: denoising from step 63 of 200",
+        "job 8: denoising (200 steps)",
+    ]
