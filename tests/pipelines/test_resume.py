@@ -212,3 +212,22 @@ def test_a_lora_schedule_goes_on_at_the_resumed_step(
         assert resumed["frames_sha256"] == whole["frames_sha256"]
     finally:
         manager.hydrate(family_runtime.production.pipeline, [])
+
+
+def test_a_kill_while_decoding_goes_straight_to_the_decode(
+    resumable, store, inputs, media, tmp_path
+) -> None:
+    """A point written after the last step: the next run denoises nothing and decodes."""
+    job = inputs.resolve(msgspec.structs.replace(spec("tiny-i2v", media, image="image"), steps=4))
+    kept = tmp_path / "kept.safetensors"
+    hooks = RecordingHooks()
+    hooks.on_progress = lambda done, steps, phase: (
+        shutil.copy(store.path(13), kept) if phase == "denoising" and done == steps else None
+    )
+    whole, _ = run(resumable, 13, job, hooks=hooks)
+    shutil.copy(kept, store.path(13))
+
+    resumed, hooks = run(resumable, 13, job)
+    assert denoising_steps(hooks) == []  # no step ran again
+    assert "decoding" in [phase for _, _, phase in hooks.named("progress")]
+    assert resumed["frames_sha256"] == whole["frames_sha256"]
