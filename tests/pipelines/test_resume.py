@@ -71,13 +71,15 @@ def test_a_suspended_job_resumes_to_the_same_frames(
     whole, _ = run(resumable, 1, job)
     assert store.jobs() == []  # a finished job leaves no point behind
 
-    first = suspend_at(resumable, 2, job, step=4)
-    assert denoising_steps(first)[-1] == 4
+    first = suspend_at(resumable, 2, job, step=3)
+    assert denoising_steps(first)[-1] == 3
     assert store.jobs() == [2]
+    # the second attempt starts at step 3, and is cut off in turn at step 4
+    second = suspend_at(resumable, 2, job, step=4)
+    assert denoising_steps(second) == [3, 4]
 
     resumed, hooks = run(resumable, 2, job)
-    # the second attempt starts at step 4: no step before it runs again
-    assert denoising_steps(hooks) == [4, 5, 6]
+    assert denoising_steps(hooks) == [4, 5, 6]  # no step before 4 runs again
     assert resumed["frames_sha256"] == whole["frames_sha256"]
     assert any("resumed at step 4 of 6" in note for note in resumed["notes"])
     assert store.jobs() == []
@@ -231,3 +233,24 @@ def test_a_kill_while_decoding_goes_straight_to_the_decode(
     assert denoising_steps(hooks) == []  # no step ran again
     assert "decoding" in [phase for _, _, phase in hooks.named("progress")]
     assert resumed["frames_sha256"] == whole["frames_sha256"]
+
+
+def test_a_point_that_names_state_the_scheduler_lacks_is_refused(tmp_path) -> None:
+    """A point only ever restores what a fresh scheduler already holds."""
+    import diffusers
+    import torch
+
+    from wangend.pipelines.resume import restore_scheduler, scheduler_state
+
+    scheduler = diffusers.UniPCMultistepScheduler()
+    description, tensors = scheduler_state(scheduler)
+    restore_scheduler(diffusers.UniPCMultistepScheduler(), description, tensors)  # fine
+    for name in ("__class__", "step"):
+        with pytest.raises(ValueError, match=name):
+            restore_scheduler(
+                diffusers.UniPCMultistepScheduler(), {**description, name: {"value": 1}}, tensors
+            )
+    store = ResumeStore(tmp_path)
+    assert store.write(1, "mark", 2, torch.zeros(2), scheduler)
+    assert store.read(1, "mark") is not None and store.read(1, "other") is None
+    assert store.jobs() == []  # a point for other settings is discarded

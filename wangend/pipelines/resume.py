@@ -76,11 +76,16 @@ class ResumePoint:
 
 def fingerprint(job: Any, options: Any, device: str, scheduler: Any) -> str:
     """What must be equal for a point to be resumed: the resolved job (prompt, seed,
-    sizes, steps, LoRAs, dtype...), the engine options, the device and the scheduler."""
+    sizes, steps, LoRAs, dtype...), the engine options, the device, the scheduler, and
+    the diffusers and torch versions (an upgrade may change a solver's state or a
+    kernel, and the promise is the uninterrupted run's frames)."""
+    import diffusers
+
     digest = hashlib.sha256(FORMAT.encode())
     for part in (msgspec.json.encode(job), msgspec.json.encode(options)):
         digest.update(part)
-    digest.update(f"|{device}|{type(scheduler).__module__}.{type(scheduler).__qualname__}".encode())
+    kind = f"{type(scheduler).__module__}.{type(scheduler).__qualname__}"
+    digest.update(f"|{device}|{kind}|{diffusers.__version__}|{torch.__version__}".encode())
     return digest.hexdigest()
 
 
@@ -94,7 +99,9 @@ def scheduler_state(scheduler: Any) -> tuple[dict[str, Any], dict[str, torch.Ten
     description: dict[str, Any] = {}
     tensors: dict[str, torch.Tensor] = {}
     for name, value in vars(scheduler).items():
-        if name == "_internal_dict":  # the config: rebuilt from the model folder
+        # the config is rebuilt from the model folder; an instance attribute that
+        # shadows the class (the restoring set_timesteps of a resumed run) is no state
+        if name == "_internal_dict" or hasattr(type(scheduler), name):
             continue
         if isinstance(value, torch.Tensor):
             tensors[f"scheduler.{name}"] = value
@@ -120,7 +127,11 @@ def scheduler_state(scheduler: Any) -> tuple[dict[str, Any], dict[str, torch.Ten
 def restore_scheduler(
     scheduler: Any, description: dict[str, Any], tensors: dict[str, torch.Tensor]
 ) -> None:
-    """Put the state `scheduler_state` described back on `scheduler`."""
+    """Put the state `scheduler_state` described back on `scheduler`. Instance state
+    only: a name the class defines (a method, a property) or a dunder is refused."""
+    bad = sorted(n for n in description if n.startswith("__") or hasattr(type(scheduler), n))
+    if bad:
+        raise ValueError(f"the point names what is not scheduler state: {bad}")
 
     def value(spec: dict[str, Any], key: str) -> Any:
         if "tensor" in spec:
@@ -207,7 +218,7 @@ class ResumeStore:
                 self.discard(job_id)
                 return None
             latents = tensors.pop("latents").to(header["latents"])
-            restore_scheduler(_Probe(), header["scheduler"], tensors)  # every tensor is there
+            _check_complete(header["scheduler"], tensors)
             return ResumePoint(
                 done=int(header["done"]),
                 latents=latents,
@@ -247,8 +258,14 @@ class ResumeStore:
         return gone
 
 
-class _Probe:
-    """A throwaway attribute holder: restoring onto it checks a point is complete."""
+def _check_complete(description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Raise KeyError naming the first tensor the description names and the file lacks."""
+    for name, spec in description.items():
+        items = spec.get("items", [spec])
+        for index, item in enumerate(items):
+            key = f"scheduler.{name}.{index}" if "items" in spec else f"scheduler.{name}"
+            if "tensor" in item and key not in tensors:
+                raise KeyError(key)
 
 
 class RunResume:
