@@ -17,11 +17,13 @@ import msgspec
 import pytest
 
 from wangend.media.metadata import read_metadata
+from wangend.pipelines.acceleration import EngineOptions
 from wangend.pipelines.control import JobAborted, JobControl
-from wangend.pipelines.resume import ResumeStore
+from wangend.pipelines.resume import ResumeStore, RunResume, fingerprint
 from wangend.pipelines.runtime import GenerationRuntime
 
 from .conftest import RecordingHooks
+from .test_acceleration import psnr
 from .test_families import CASES, family_registry, family_runtime, inputs, media, spec
 
 __all__ = ["family_registry", "family_runtime", "inputs", "media"]  # fixtures used here
@@ -166,14 +168,44 @@ def test_a_held_job_writes_its_point_and_a_stop_sends_it_back(
     assert denoising_steps(again) == [2, 3, 4, 5, 6]
 
 
-def test_step_cache_runs_write_no_points(resumable, store, inputs, media) -> None:
+def test_a_mag_run_writes_no_points(resumable, store, inputs, media) -> None:
+    """MagCache counts steps itself: after a skip its ratios would meet the wrong steps."""
     job = inputs.resolve(
-        msgspec.structs.replace(spec("tiny", media), steps=STEPS, step_cache="fbc")
+        msgspec.structs.replace(spec("tiny", media), steps=STEPS, step_cache="mag")
     )
     hooks = suspend_at(resumable, 8, job, step=3)
     assert store.jobs() == []
     # and a suspend lands at once there (the abort latch), not at a step boundary
     assert denoising_steps(hooks)[-1] == 3
+
+
+@pytest.mark.parametrize("cache", ["fbc", "taylorseer", "pab"])
+def test_a_cached_run_resumes_with_its_cache_afresh(
+    family_runtime, store, inputs, media, cache
+) -> None:
+    """The cache's state is not in the point: the resumed run starts it anew, so its
+    frames are close to the uninterrupted cached run's, not equal."""
+    job = inputs.resolve(msgspec.structs.replace(spec("tiny", media), steps=12, step_cache=cache))
+    production = family_runtime.production
+    options = EngineOptions.from_job(job, production.job_dtype(job.dtype))
+    pipe = production.ensure(production.registry.resolve("tiny"), options, RecordingHooks())
+    mark = fingerprint(job, options, "cpu", pipe.scheduler)
+
+    def frames(control: JobControl, hooks: RecordingHooks, resume: RunResume | None):
+        with production.run_scope(pipe, options, steps=job.steps):
+            return family_runtime.generate_frames(pipe, job, control, hooks, None, resume)
+
+    whole = frames(JobControl(), RecordingHooks(), None)
+    control, hooks = JobControl(), RecordingHooks()
+    hooks.on_progress = lambda done, steps, phase: (
+        control.request_suspend() if phase == "denoising" and done == 6 else None
+    )
+    with pytest.raises(JobAborted):
+        frames(control, hooks, RunResume(store, 9, mark))
+    hooks = RecordingHooks()
+    again = frames(JobControl(), hooks, RunResume(store, 9, mark))
+    assert denoising_steps(hooks)[0] == 6
+    assert psnr(again, whole) >= 30.0
 
 
 def test_sweep_removes_points_of_jobs_that_are_not_queued(store, resumable, inputs, media):

@@ -18,9 +18,12 @@ When a point is written (runtime.py decides, this module writes):
 * when a stop asks the running job to go back to the queue (JobControl.request_suspend):
   the job ends its current step, writes a point and unwinds.
 
-Runs with a step cache (fbc, mag, taylorseer, pab) write none: the caches carry their
-own per-step state inside diffusers hooks, so a resumed run would differ from an
-uninterrupted one. Such a job starts again from step 0, as before.
+Step caches keep their own per-step state inside diffusers hooks, which a point does not
+carry: a resumed fbc, taylorseer or pab run starts its cache afresh at the resumed step
+(the first steps after it are computed in full, as at a run's start), so its frames are
+close to an uninterrupted cached run's, not identical. MagCache counts steps itself and
+would pair its magnitude ratios with the wrong steps after a skip: "mag" runs write no
+points and start again from step 0.
 
 One file per job, `<state dir>/resume/<job id>.safetensors`: tensors in safetensors (never
 pickle), the rest as JSON in its metadata, written to a temp file, fsynced and renamed,

@@ -145,7 +145,7 @@ class GenerationRuntime:
         if self.loras is not None:
             self.loras.hydrate(pipe, job.loras)  # none: adapters off, the base weights
         resume = None
-        if self.resume is not None and options.step_cache == "none":
+        if self.resume is not None and options.step_cache != "mag":  # resume.py: why
             mark = fingerprint(job, options, self.device, pipe.scheduler)
             resume = RunResume(self.resume, job_id, mark)
         try:
