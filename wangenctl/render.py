@@ -47,6 +47,7 @@ from wangend.protocol import (
     MoveResult,
     PresetsResult,
     QueueStateResult,
+    ResolvedGenerate,
     ResolvedJob,
     ResolvedMatAnyOne,
     StatusResult,
@@ -361,6 +362,9 @@ class HumanRenderer:
         if progress is not None and record.state not in TERMINAL_STATES:
             eta = "" if record.state == "paused" else f", eta {format_seconds(progress.eta)}"
             rows.append(("progress", f"{progress.phase} {progress.step}/{progress.steps}{eta}"))
+        if record.resume_step is not None:
+            steps = record.spec.steps if isinstance(record.spec, ResolvedGenerate) else "?"
+            rows.append(("resumes", f"at step {record.resume_step}/{steps} (its resume point)"))
         if record.retry_of is not None:
             rows.append(("retry of", str(record.retry_of)))
         rows += [
@@ -387,6 +391,8 @@ class HumanRenderer:
             progress = (
                 f"{p.phase} {p.step}/{p.steps}" if p and r.state in ("running", "paused") else "-"
             )
+            if r.resume_step is not None:
+                progress = f"resumes at {r.resume_step}"
             result = ", ".join(r.outputs) or (r.error.message if r.error else "")
             table.add_row(
                 str(r.id),

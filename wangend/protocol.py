@@ -340,6 +340,9 @@ class JobRecord(Struct, kw_only=True):
     outputs: list[str] = msgspec.field(default_factory=list)
     error: JobError | None = None
     retry_of: int | None = None
+    # A queued job cut off mid-way: the step its resume point holds (it goes on from
+    # there if run with the same settings); None without one.
+    resume_step: int | None = None
     created_at: float = 0.0
     started_at: float | None = None
     finished_at: float | None = None

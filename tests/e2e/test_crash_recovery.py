@@ -173,3 +173,32 @@ def test_pause_after_current_then_kill_9_still_finishes_the_current_job(tmp_path
             assert client.result("status", {"job": behind})["state"] == "queued"
     finally:
         daemon.stop()
+
+
+def test_a_held_job_killed_with_9_shows_its_resume_step_and_goes_on_from_it(
+    tmp_path: Path,
+) -> None:
+    """`pause now` writes the held job's resume point (default interval: 60 s, so no
+    other point exists); after kill -9 the queued job says where it will go on."""
+    daemon = DaemonProcess(tmp_path).start()
+    try:
+        with daemon.unix() as client:
+            client.result("subscribe", {})
+            job = client.result("enqueue", {"prompt": "hold me", "steps": 80})["job"]
+            client.wait_event(progressed(job, 2))
+            client.result("pause", {"mode": "now"})
+            held = client.wait_event(job_event(job, "job.paused"))["data"]["step"]
+        daemon.kill9()
+        daemon.start()
+        with daemon.unix() as client:
+            record = client.result("status", {"job": job})
+            assert record["state"] == "queued" and record["resume_step"] == held, record
+            client.result("subscribe", {})
+            client.result("resume")
+            final = client.wait_event(job_event(job, *TERMINAL), timeout=120)
+            assert final["type"] == "job.succeeded", final
+            steps = [e["data"]["step"] for e in client.seen if progressed(job, 0)(e)]
+            assert steps[0] == held, (held, steps)
+            assert client.result("status", {"job": job})["resume_step"] is None
+    finally:
+        daemon.stop()

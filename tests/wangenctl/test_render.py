@@ -190,3 +190,15 @@ def test_a_run_that_starts_late_says_from_which_step() -> None:
         "job 7: denoising from step 63 of 200",
         "job 8: denoising (200 steps)",
     ]
+
+
+def test_a_queued_job_with_a_resume_point_says_where_it_goes_on(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = HumanRenderer()
+    queued = msgspec.structs.replace(record("queued"), resume_step=63)
+    [line] = [line for line in stdout_of(capsys, out.job, queued) if "resumes" in line]
+    assert line.split() == ["resumes", "at", "step", "63/300", "(its", "resume", "point)"]
+    [row] = [line for line in stdout_of(capsys, out.jobs, [queued]) if line.startswith("7")]
+    assert "resumes at 63" in row
+    assert not [line for line in stdout_of(capsys, out.job, record("queued")) if "resumes" in line]

@@ -165,9 +165,16 @@ class ResumeStore:
         return self.folder / f"{job_id}.safetensors"
 
     def write(
-        self, job_id: int, mark: str, done: int, latents: torch.Tensor, scheduler: Any
+        self,
+        job_id: int,
+        mark: str,
+        done: int,
+        latents: torch.Tensor,
+        scheduler: Any,
+        step: int | None = None,
     ) -> bool:
-        """Write the point after `done` pipeline steps; False when it was not written."""
+        """Write the point after `done` pipeline steps (`step` of the job's steps, which
+        differs for video-to-video); False when it was not written."""
         from safetensors.torch import save_file
 
         state = scheduler_state(scheduler)
@@ -185,6 +192,7 @@ class ResumeStore:
             "job": job_id,
             "fingerprint": mark,
             "done": done,
+            "step": done if step is None else step,
             "latents": str(latents.device),
             "scheduler": description,
         }
@@ -232,6 +240,21 @@ class ResumeStore:
             self.discard(job_id)
             return None
 
+    def peek(self, job_id: int) -> int | None:
+        """The job step the job's point holds, from its header alone; None without a
+        readable point."""
+        from safetensors import safe_open
+
+        path = self.path(job_id)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = json.loads((handle.metadata() or {})["wangend"])
+            return int(header["step"])
+        except Exception:  # read() says why, when the job runs
+            return None
+
     def discard(self, job_id: int) -> None:
         try:
             self.path(job_id).unlink(missing_ok=True)
@@ -274,10 +297,12 @@ def _check_complete(description: dict[str, Any], tensors: dict[str, torch.Tensor
 class RunResume:
     """One run's use of the store: the point it resumes from (if any) and when to write."""
 
-    def __init__(self, store: ResumeStore, job_id: int, mark: str) -> None:
+    def __init__(self, store: ResumeStore, job_id: int, mark: str, offset: int = 0) -> None:
+        """`offset`: job steps before the pipeline's first (video-to-video skips some)."""
         self.store = store
         self.job_id = job_id
         self.mark = mark
+        self.offset = offset
         self.point = store.read(job_id, mark)
         self._saved = self.point.done if self.point is not None else 0
         self._last = time.monotonic()
@@ -301,7 +326,8 @@ class RunResume:
         if done <= self._saved:
             return
         started = time.monotonic()
-        if self.store.write(self.job_id, self.mark, done, latents, scheduler):
+        step = self.offset + done
+        if self.store.write(self.job_id, self.mark, done, latents, scheduler, step=step):
             self._saved = done
             log.debug(
                 "job %d: resume point at step %d (%.3f s)",

@@ -123,6 +123,10 @@ class GenerationRuntime:
     def loaded_model(self) -> str | None:
         return self.production.loaded_model
 
+    def resume_step(self, job_id: int) -> int | None:
+        """The step a cut-off job's resume point holds (None without one)."""
+        return self.resume.peek(job_id) if self.resume is not None else None
+
     def run(
         self, job_id: int, job: ResolvedGenerate, control: JobControl, hooks: RunHooks
     ) -> list[str]:
@@ -147,7 +151,8 @@ class GenerationRuntime:
         resume = None
         if self.resume is not None and options.step_cache != "mag":  # resume.py: why
             mark = fingerprint(job, options, self.device, pipe.scheduler)
-            resume = RunResume(self.resume, job_id, mark)
+            offset = job.steps - denoising_steps(job)
+            resume = RunResume(self.resume, job_id, mark, offset=offset)
         try:
             with self.production.run_scope(pipe, options, steps=job.steps) as report:
                 frames = self.generate_frames(pipe, job, control, hooks, timings, resume)
@@ -162,8 +167,8 @@ class GenerationRuntime:
             raise
         if resume is not None and resume.skip:
             report.notes.append(
-                f"resumed at step {resume.skip + job.steps - denoising_steps(job)} of "
-                f"{job.steps} from the resume point of an earlier attempt"
+                f"resumed at step {resume.offset + resume.skip} of {job.steps} from the "
+                "resume point of an earlier attempt"
             )
         hooks.progress(job.steps, job.steps, "saving")
         ran = msgspec.structs.replace(job, dtype=options.dtype)

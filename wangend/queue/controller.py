@@ -71,6 +71,10 @@ class Worker(Protocol):
     @property
     def loaded_model(self) -> str | None: ...
 
+    def resume_step(self, job_id: int) -> int | None:
+        """The step a queued job's resume point holds, or None."""
+        ...
+
     def run(
         self, job_id: int, job: ResolvedJob, control: JobControl, hooks: RunHooks
     ) -> list[str]: ...
@@ -415,6 +419,10 @@ class QueueController:
         running = self.state.running
         if running is not None and running.id == record.id:
             return msgspec.structs.replace(record, progress=running.progress)
+        if record.state == "queued":
+            step = self.worker.resume_step(record.id)
+            if step is not None:
+                return msgspec.structs.replace(record, resume_step=step)
         return record
 
     def snapshot(self) -> tuple[bool, str | None, QueueCounts, RunningInfo | None]:

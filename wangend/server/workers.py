@@ -41,6 +41,8 @@ class _GenerationRunner(_Runner, Protocol):
     @property
     def loaded_model(self) -> str | None: ...
 
+    def resume_step(self, job_id: int) -> int | None: ...
+
 
 class _Planner(_Resolver, Protocol):
     def plan(self, job: Any) -> dict[str, Any]: ...
@@ -68,6 +70,10 @@ class JobRouter:
     @property
     def loaded_model(self) -> str | None:
         return self.generation.loaded_model
+
+    def resume_step(self, job_id: int) -> int | None:
+        """Only generations write resume points."""
+        return self.generation.resume_step(job_id)
 
     def resolve(self, spec: JobSpec) -> ResolvedJob:
         if isinstance(spec, MatAnyOneSpec):
