@@ -522,7 +522,8 @@ def shutdown(
         typer.Option("--finish", help="let the running job end first (default: requeue it)"),
     ] = False,
 ) -> None:
-    """Stop the daemon; a running job is held and requeued for the next start."""
+    """Stop the daemon; a running job ends its step and is requeued: the next start goes on
+    from there."""
     mode = "finish" if finish else "graceful"
 
     async def work(c: Client, out: Renderer) -> None:

@@ -10,13 +10,14 @@ methods never reach into the objects' wiring.
                `endpoint.json` tells clients where the daemon listens
     shutdown   on SIGTERM/SIGINT, the `shutdown` call or the test's trigger: stop taking
                work; give the running job `stop_grace` seconds to finish (0: none), then
-               unwind it and put it back in the queue (a second signal cuts the grace
-               short); say goodbye to connections, close the store, release the lock
+               suspend it at its next step boundary (its resume point is written) and put
+               it back in the queue (a second signal cuts the grace short); say goodbye
+               to connections, close the store, release the lock
 
 Startup failures are StartupErrors with one clear sentence and an exit code (cli.py):
 2 for what a restart cannot fix (bad state dir, token file, a corrupt or newer queue
-database), 3 for a lock held by another process (the state dir's lock file, or the
-SQLite database locked by another program), 1 for anything else.
+database), 3 for what another process holds (the state dir's lock file, the SQLite
+database, the TCP port or the Unix socket), 1 for anything else.
 
 Under systemd (server/systemd.py) the daemon says READY=1 once the store is open and the
 listeners are up (before any model loads), keeps STATUS= current (at most once a second),
