@@ -142,8 +142,9 @@ class EventFollower:
 
 
 def _process(status: StatusResult) -> tuple[int, float]:
-    """Which daemon process answered: its pid and when it started (to the second)."""
-    return status.pid, time.time() - status.uptime
+    """Which daemon process answered: its pid and when it started (to the second; a
+    daemon older than `started_at` in `status` gives only its uptime)."""
+    return status.pid, status.started_at or time.time() - status.uptime
 
 
 def _restarted(before: tuple[int, float] | None, now: tuple[int, float]) -> bool:

@@ -460,6 +460,9 @@ class StatusResult(Struct, kw_only=True):
     queue: QueueCounts
     running: RunningInfo | None
     last_seq: int
+    # When this process started (Unix time): with `pid`, names the daemon process, so a
+    # client can tell a restart from a gap in its events.
+    started_at: float = 0.0
 
 
 class JobsResult(Struct, kw_only=True):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -81,14 +82,17 @@ def test_a_paused_queue_stays_paused_after_kill_9(tmp_path: Path) -> None:
         with daemon.unix() as client:
             client.result("pause", {"mode": "now"})
             job = client.result("enqueue", {"prompt": "held", "steps": 2})["job"]
-            seq_before = client.result("status")["last_seq"]
+            before = client.result("status")
         daemon.kill9()
         daemon.start()
         with daemon.unix() as client:
             status = client.result("status")
             assert status["paused"] is True and status["queue"]["queued"] == 1
             # event numbers never go back, so an old `since` cannot hide new events
-            assert status["last_seq"] > seq_before
+            assert status["last_seq"] > before["last_seq"]
+            # and the process says it is a new one
+            assert status["started_at"] > before["started_at"] > 0
+            assert abs(time.time() - status["uptime"] - status["started_at"]) < 5
             assert client.result("status", {"job": job})["state"] == "queued"
             client.result("subscribe", {})
             client.result("resume")

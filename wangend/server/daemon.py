@@ -389,6 +389,7 @@ class Daemon:
             queue=counts,
             running=running,
             last_seq=self.bus.last_seq,
+            started_at=self.started_at,
         )
 
     def models(self) -> ModelsResult:
