@@ -29,7 +29,7 @@ class JobAborted(Exception):
 
 
 class JobControl:
-    """Thread-safe pause/abort latches for one running job."""
+    """Thread-safe pause, abort and suspend latches for one running job."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
