@@ -43,8 +43,10 @@ def resumable(family_runtime: GenerationRuntime, store: ResumeStore, tmp_path: P
 
 
 def run(runtime: GenerationRuntime, job_id: int, job: Any, control=None, hooks=None):
+    """A successful run, then what the queue does once it has recorded the success."""
     hooks = hooks or RecordingHooks()
     [path] = runtime.run(job_id, job, control or JobControl(), hooks)
+    runtime.forget(job_id)
     return read_metadata(path), hooks
 
 
@@ -286,3 +288,22 @@ def test_a_point_that_names_state_the_scheduler_lacks_is_refused(tmp_path) -> No
     assert store.write(1, "mark", 2, torch.zeros(2), scheduler)
     assert store.read(1, "mark") is not None and store.read(1, "other") is None
     assert store.jobs() == []  # a point for other settings is discarded
+
+
+def test_a_kill_after_the_output_is_written_keeps_that_output(resumable, store, inputs, media):
+    """Killed between writing the video and the queue recording the success: the next
+    attempt finds the outputs it noted and returns them; nothing runs, nothing is written
+    twice. Only the queue's record of the end drops the point and the note."""
+    job = inputs.resolve(msgspec.structs.replace(spec("tiny", media), steps=STEPS))
+    first = resumable.run(14, job, JobControl(), RecordingHooks())  # no forget: "killed"
+    assert store.jobs() == [14]
+    hooks = RecordingHooks()
+    assert resumable.run(14, job, JobControl(), hooks) == first
+    assert hooks.named("progress") == []  # not even a load
+    assert sorted(p.name for p in resumable.output_dir.iterdir()) == [Path(first[0]).name]
+    resumable.forget(14)
+    assert store.jobs() == []
+    Path(first[0]).unlink()  # a noted output that is gone means the job runs again
+    store.record_outputs(15, first)
+    [again] = resumable.run(15, job, JobControl(), RecordingHooks())
+    assert Path(again).is_file()

@@ -64,7 +64,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMAT = "wangend-resume/1"
-_FILE = re.compile(r"(\d+)\.safetensors")
+_FILE = re.compile(r"(\d+)\.(?:safetensors|outputs\.json)")
 _SCALARS = (bool, int, float, str, type(None))
 
 
@@ -255,19 +255,54 @@ class ResumeStore:
         except Exception:  # read() says why, when the job runs
             return None
 
-    def discard(self, job_id: int) -> None:
+    def outputs_path(self, job_id: int) -> Path:
+        return self.folder / f"{job_id}.outputs.json"
+
+    def record_outputs(self, job_id: int, paths: list[str]) -> None:
+        """The job's outputs are written: note them (fsynced) before the queue records
+        the success, so a kill in between does not run the job again."""
+        final, temp = self.outputs_path(job_id), self.folder / f".{job_id}.outputs.tmp"
         try:
-            self.path(job_id).unlink(missing_ok=True)
+            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with open(temp, "wb") as handle:
+                handle.write(json.dumps(paths).encode())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, final)
+            fsync_dir(self.folder)
         except OSError as exc:
-            log.warning("job %d: resume point not removed: %s", job_id, exc.strerror or exc)
+            log.warning("job %d: outputs not noted: %s", job_id, exc.strerror or exc)
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def recorded_outputs(self, job_id: int) -> list[str] | None:
+        """The outputs an earlier attempt wrote, if all of them are still there."""
+        try:
+            paths = json.loads(self.outputs_path(job_id).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(paths, list) or not paths:
+            return None
+        if not all(isinstance(p, str) and Path(p).is_file() for p in paths):
+            return None
+        return paths
+
+    def discard(self, job_id: int) -> None:
+        """Forget everything about the job: its point and its noted outputs."""
+        for path in (self.path(job_id), self.outputs_path(job_id)):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("job %d: %s not removed: %s", job_id, path, exc.strerror or exc)
 
     def jobs(self) -> list[int]:
-        """Ids of the jobs that have a point."""
+        """Ids of the jobs that have a point or noted outputs."""
         try:
             names = os.listdir(self.folder)
         except OSError:
             return []
-        return sorted(int(m.group(1)) for name in names if (m := _FILE.fullmatch(name)))
+        ids = {int(m.group(1)) for name in names if (m := _FILE.fullmatch(name))}
+        return sorted(ids)
 
     def sweep(self, keep: Collection[int]) -> list[int]:
         """Remove the points of jobs not in `keep` (ended or deleted while the daemon was

@@ -127,11 +127,20 @@ class GenerationRuntime:
         """The step a cut-off job's resume point holds (None without one)."""
         return self.resume.peek(job_id) if self.resume is not None else None
 
+    def forget(self, job_id: int) -> None:
+        """The queue has recorded the job's end: its resume point and noted outputs go."""
+        if self.resume is not None:
+            self.resume.discard(job_id)
+
     def run(
         self, job_id: int, job: ResolvedGenerate, control: JobControl, hooks: RunHooks
     ) -> list[str]:
         """Generate and save one job; returns the absolute output paths."""
         control.check_abort()
+        written = self.resume.recorded_outputs(job_id) if self.resume is not None else None
+        if written is not None:  # killed after writing them, before the queue knew
+            log.info("job %d: its outputs were written before the stop; keeping them", job_id)
+            return written
         hooks.progress(0, job.steps, "loading")
         try:
             record = self.production.registry.resolve(job.model)
@@ -185,10 +194,14 @@ class GenerationRuntime:
             paths = write_video(
                 frames, self.output_dir, stem, job.fps, self.media, state, audio=job.audio
             )
-        finally:
+        except BaseException:
             if resume is not None:
                 resume.discard()
-        return [str(path) for path in paths]
+            raise
+        outputs = [str(path) for path in paths]
+        if self.resume is not None:  # the point goes when the queue has recorded the end
+            self.resume.record_outputs(job_id, outputs)
+        return outputs
 
     def enhance_prompt(self, job: ResolvedGenerate, hooks: RunHooks) -> ResolvedGenerate:
         """The job with its enhanced prompt, when it asked for one and has none yet.

@@ -32,6 +32,7 @@ import msgspec
 from ..errors import InvalidParams, JobFailure, ShuttingDown, UnknownJob, WrongState
 from ..pipelines.control import JobAborted, JobControl, RunHooks
 from ..protocol import (
+    TERMINAL_STATES,
     ClearResult,
     EnqueueResult,
     Event,
@@ -73,6 +74,10 @@ class Worker(Protocol):
 
     def resume_step(self, job_id: int) -> int | None:
         """The step a queued job's resume point holds, or None."""
+        ...
+
+    def forget(self, job_id: int) -> None:
+        """The job's end is recorded: drop what a rerun of it would have used."""
         ...
 
     def run(
@@ -211,10 +216,18 @@ class QueueController:
             log.info("job %d succeeded: %s", done.id, ", ".join(done.outputs))
         finally:
             self.state.end()
+            if self.store.get(record.id).state in TERMINAL_STATES:
+                self._forget(record.id)
             finishing = self.store.get_meta(FINISHING_META_KEY) == str(record.id)
             if finishing and self.store.get(record.id).state != "queued":  # it has ended
                 self.store.set_meta(FINISHING_META_KEY, None)
             done_event.set()
+
+    def _forget(self, job_id: int) -> None:
+        try:
+            self.worker.forget(job_id)
+        except Exception:  # housekeeping: the next start's sweep tries again
+            log.exception("job %d: could not drop its resume files", job_id)
 
     def _unwound(self, running: RunningJob) -> None:
         """The worker raised JobAborted: a user's abort, or a graceful stop's requeue."""

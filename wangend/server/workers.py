@@ -43,6 +43,8 @@ class _GenerationRunner(_Runner, Protocol):
 
     def resume_step(self, job_id: int) -> int | None: ...
 
+    def forget(self, job_id: int) -> None: ...
+
 
 class _Planner(_Resolver, Protocol):
     def plan(self, job: Any) -> dict[str, Any]: ...
@@ -74,6 +76,9 @@ class JobRouter:
     def resume_step(self, job_id: int) -> int | None:
         """Only generations write resume points."""
         return self.generation.resume_step(job_id)
+
+    def forget(self, job_id: int) -> None:
+        self.generation.forget(job_id)
 
     def resolve(self, spec: JobSpec) -> ResolvedJob:
         if isinstance(spec, MatAnyOneSpec):
