@@ -215,15 +215,11 @@ class ResumeStore:
     def read(self, job_id: int, mark: str) -> ResumePoint | None:
         """The job's point when there is one written for `mark`; a point of another
         fingerprint, or one that cannot be read, is discarded."""
-        from safetensors import safe_open
-
         path = self.path(job_id)
         if not path.is_file():
             return None
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                header = json.loads((handle.metadata() or {})["wangend"])
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+            header, tensors = _load(path, tensors=True)
             if header.get("format") != FORMAT or header.get("fingerprint") != mark:
                 log.info("job %d: its resume point is for other settings; starting over", job_id)
                 self.discard(job_id)
@@ -243,15 +239,11 @@ class ResumeStore:
     def peek(self, job_id: int) -> int | None:
         """The job step the job's point holds, from its header alone; None without a
         readable point."""
-        from safetensors import safe_open
-
         path = self.path(job_id)
         if not path.is_file():
             return None
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                header = json.loads((handle.metadata() or {})["wangend"])
-            return int(header["step"])
+            return int(_load(path, tensors=False)[0]["step"])
         except Exception:  # read() says why, when the job runs
             return None
 
@@ -317,6 +309,16 @@ class ResumeStore:
         except OSError:
             pass
         return gone
+
+
+def _load(path: Path, tensors: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A point's JSON header and, if asked, its tensors (on the host)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        header = json.loads((handle.metadata() or {})["wangend"])
+        names = list(handle.keys()) if tensors else []
+        return header, {name: handle.get_tensor(name) for name in names}
 
 
 def _check_complete(description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
