@@ -216,18 +216,22 @@ class QueueController:
             log.info("job %d succeeded: %s", done.id, ", ".join(done.outputs))
         finally:
             self.state.end()
-            if self.store.get(record.id).state in TERMINAL_STATES:
-                self._forget(record.id)
-            finishing = self.store.get_meta(FINISHING_META_KEY) == str(record.id)
-            if finishing and self.store.get(record.id).state != "queued":  # it has ended
-                self.store.set_meta(FINISHING_META_KEY, None)
-            done_event.set()
+            try:
+                self._after(record.id)
+            finally:
+                done_event.set()  # a stop waits on it, whatever happened above
 
-    def _forget(self, job_id: int) -> None:
+    def _after(self, job_id: int) -> None:
+        """Housekeeping once a run is over: an ended job's resume files go (the worker
+        keeps them for a requeued one), and it no longer holds a pause's exemption."""
         try:
+            if self.store.get(job_id).state not in TERMINAL_STATES:
+                return
             self.worker.forget(job_id)
-        except Exception:  # housekeeping: the next start's sweep tries again
-            log.exception("job %d: could not drop its resume files", job_id)
+            if self.store.get_meta(FINISHING_META_KEY) == str(job_id):
+                self.store.set_meta(FINISHING_META_KEY, None)
+        except Exception:  # the next start's sweep and recovery settle what is left
+            log.exception("job %d: housekeeping after its end failed", job_id)
 
     def _unwound(self, running: RunningJob) -> None:
         """The worker raised JobAborted: a user's abort, or a graceful stop's requeue."""
