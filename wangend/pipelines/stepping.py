@@ -71,23 +71,24 @@ class StepExtras:
     def start_at(self, scheduler: Any, index: int) -> None:
         """A resumed run starts at pipeline step `index`: give it that step's LoRA
         weights, as the step before it would have. `scheduler` has its timesteps set."""
-        if self.loras is not None and index < self.steps:
-            self._boundary = boundary_step(scheduler, self.job.boundary_ratio)
-            self._boundary_known = True
-            self.loras.apply_step(self.pipe, index, self.steps, boundary=self._boundary)
+        self._lora_weights(scheduler, index)
 
     def after_step(
         self, called: Any, index: int, done: int, total: int, tensors: dict[str, Any]
     ) -> dict[str, Any] | None:
         """Run after pipeline step `index` (0-based) of this run; `done`/`total` count for
         progress. Returns a preview when one is due."""
-        if self.loras is not None:
-            if not self._boundary_known:
-                self._boundary = boundary_step(called.scheduler, self.job.boundary_ratio)
-                self._boundary_known = True
-            if index + 1 < self.steps:
-                self.loras.apply_step(self.pipe, index + 1, self.steps, boundary=self._boundary)
+        self._lora_weights(called.scheduler, index + 1)
         return self._preview(done, total, tensors.get("latents"))
+
+    def _lora_weights(self, scheduler: Any, index: int) -> None:
+        """Set the LoRA weights pipeline step `index` runs with (none past the last)."""
+        if self.loras is None or index >= self.steps:
+            return
+        if not self._boundary_known:
+            self._boundary = boundary_step(scheduler, self.job.boundary_ratio)
+            self._boundary_known = True
+        self.loras.apply_step(self.pipe, index, self.steps, boundary=self._boundary)
 
     def _preview(self, done: int, total: int, latents: Any) -> dict[str, Any] | None:
         if self.every <= 0 or latents is None or self._previews_failed:
