@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,50 @@ def test_tcp_beyond_loopback_warns_naming_the_address_and_needs_the_token(
     exposed.token_path.unlink()
     with pytest.raises(StartupError, match="no token file"):
         Daemon(exposed)._warn_if_exposed()
+
+
+def test_model_files_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """[models.NAME] names transformer files on a base; paths become absolute, every
+    mistake names its key, and `config show` prints tables a config file could hold."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[models."wan2.1-comfy"]\nbase = "wan2.1-t2v-14b"\n'
+        'transformer = "ckpts/wan14b.safetensors"\n'
+        '[models.a14b]\nbase = "wan2.2-t2v-a14b"\ntransformer = "~/high.safetensors"\n'
+        'transformer_2 = "/models/low.safetensors"\n'
+    )
+    env = {"HOME": str(tmp_path)}
+    cfg = load_config(path, env=env)
+    comfy, a14b = cfg.models["wan2.1-comfy"], cfg.models["a14b"]
+    assert comfy.transformer == str(tmp_path / "ckpts" / "wan14b.safetensors")
+    assert comfy.transformer_2 == "" and comfy.base == "wan2.1-t2v-14b"
+    assert a14b.transformer == str(Path("~/high.safetensors").expanduser())
+    assert a14b.transformer_2 == "/models/low.safetensors"
+
+    mistakes = {
+        '[models.x]\ntransformer = "a.safetensors"\n': r"models\.x in .* needs base",
+        '[models.x]\nbase = "tiny"\n': r"models\.x in .* needs transformer",
+        '[models.x]\nbase = "tiny"\ntransformer = "a"\nvae = "v"\n': r"unknown key models\.x\.vae",
+        '[models.x]\nbase = 3\ntransformer = "a"\n': r"models\.x\.base in .*: Expected `str`",
+        '[models."my model"]\nbase = "tiny"\ntransformer = "a"\n': r"models\.my model .*letters",
+        'models = "wan"\n': r"models in .* must hold tables",
+    }
+    for text, pattern in mistakes.items():
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=pattern):
+            load_config(path, env=env)
+
+    path.write_text('[models."wan2.1-comfy"]\nbase = "tiny"\ntransformer = "/w.safetensors"\n')
+    shown = CliRunner().invoke(cli_app, ["config", "show", "--config", str(path)])
+    assert shown.exit_code == 0, shown.output
+    lines = shown.stdout.splitlines()
+    assert '[models."wan2.1-comfy"]' in lines
+    assert any(re.fullmatch(rf'transformer = "/w.safetensors" +# file {re.escape(str(path))}', line)
+               for line in lines)  # fmt: skip
+    shown_text = "\n".join(line.split("#")[0] for line in lines)
+    assert tomllib.loads(shown_text)["models"]["wan2.1-comfy"]["base"] == "tiny"
+
+    path.write_text('[models.tiny]\nbase = "tiny"\ntransformer = "/w.safetensors"\n')
+    checked = CliRunner().invoke(cli_app, ["config", "check", "--config", str(path)])
+    assert checked.exit_code == 2 and "tiny is the name of a built-in model" in checked.output

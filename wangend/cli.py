@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -138,6 +139,13 @@ def token(config: ConfigOpt = None) -> None:
 def config_check(config: ConfigOpt = None) -> None:
     """Validate the config (file, env, defaults); exit 2 naming the bad key."""
     cfg = _load(config)
+    from .pipelines.registry import ModelRegistry
+
+    try:
+        ModelRegistry(cfg.models_path, cfg.models)
+    except ConfigError as exc:
+        typer.echo(f"wangend: {exc}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"config ok (state dir {cfg.state_dir})")
 
 
@@ -184,6 +192,11 @@ def render_toml(entries: list[ConfigValue]) -> list[str]:
     table = ""
     for entry in entries:
         section, _, key = entry.key.rpartition(".")
+        if section.startswith("models."):  # [models.NAME]; a name may hold dots
+            name = section.removeprefix("models.")
+            section = (
+                f"models.{name}" if re.fullmatch(r"[A-Za-z0-9_-]+", name) else (f'models."{name}"')
+            )
         if section != table:
             lines.append(f"\n[{section}]")
             table = section

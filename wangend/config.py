@@ -36,6 +36,7 @@ __all__ = [
     "LoraConfig",
     "MatAnyOneConfig",
     "MediaConfig",
+    "ModelFiles",
     "ServerConfig",
     "effective_values",
     "load_config",
@@ -113,6 +114,22 @@ class MatAnyOneConfig(Section):
     weights: str = "tiny"
 
 
+class ModelFiles(Section):
+    """[models.NAME]: a model made of single-file Wan transformer checkpoints (the files
+    ComfyUI and Wan2GP keep, e.g. `wan2.1_t2v_14B_bf16.safetensors`) on top of a `base`
+    model that supplies everything else: text encoder, tokenizer, VAE, scheduler, image
+    encoder, the transformer's config and the family's rules. Jobs name it as NAME."""
+
+    base: str  # any model name a job could give: built-in, folder, path or hub id
+    transformer: str  # a .safetensors file, original Wan or diffusers layout
+    transformer_2: str = ""  # Wan 2.2 A14B: the low-noise expert's file
+    description: str = ""
+
+
+# A [models.NAME] name: what a folder in the models directory may be called.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
 class ServerConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = DEFAULT_PORT
@@ -142,6 +159,7 @@ class ServerConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True
     lora: LoraConfig = LoraConfig()
     enhancer: EnhancerConfig = EnhancerConfig()
     matanyone: MatAnyOneConfig = MatAnyOneConfig()
+    models: dict[str, ModelFiles] = msgspec.field(default_factory=dict)
 
     @property
     def state_path(self) -> Path:
@@ -273,6 +291,36 @@ def _check_keys(data: Mapping[str, Any], where: str) -> None:
             for sub in value:
                 if sub not in known:
                     raise ConfigError(f"unknown key {key}.{sub} {where}")
+        if key == "models":
+            _check_models(value, where)
+
+
+def _check_models(models: Any, where: str) -> None:
+    """[models.NAME] tables: a usable name each, and only ModelFiles' keys."""
+    if not isinstance(models, Mapping):
+        raise ConfigError(f"models {where} must hold tables ([models.NAME])")
+    known = _fields(ModelFiles)
+    for name, table in models.items():
+        if not MODEL_NAME.fullmatch(name):
+            raise ConfigError(
+                f"models.{name} {where}: a model name is letters, digits, '.', '_' and '-', "
+                "starting with a letter or digit"
+            )
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"models.{name} {where} must be a table ([models.{name}])")
+        for sub in table:
+            if sub not in known:
+                raise ConfigError(f"unknown key models.{name}.{sub} {where}")
+        for need in ("base", "transformer"):
+            if need not in table:
+                raise ConfigError(f"models.{name} {where} needs {need} = ...")
+        try:  # here, where the table's name is known: msgspec says only `$.models[...]`
+            msgspec.convert(table, ModelFiles)
+        except msgspec.ValidationError as exc:
+            text, _, path = str(exc).partition(" - at `$.")
+            raise ConfigError(
+                f"invalid value for models.{name}.{path.rstrip('`')} {where}: {text}"
+            ) from None
 
 
 def _merge(
@@ -281,6 +329,14 @@ def _merge(
     """Lay `data` over `values`, table by table. `source` None: `data` maps each key to
     (value, source) pairs (the environment, where every key has its own variable)."""
     for key, item in data.items():
+        if key == "models":  # only a file sets them; each table is taken whole
+            merged = dict(values.get(key) or {})
+            for name, table in item.items():
+                merged[name] = table
+                for sub in table:
+                    sources[f"models.{name}.{sub}"] = source or "?"
+            values[key] = merged
+            continue
         if key in _SECTIONS:
             table = dict(values.get(key) or {})
             for sub, sub_item in item.items():
@@ -346,6 +402,13 @@ def effective_values(config: ServerConfig, sources: Mapping[str, str]) -> list[C
     derived = {"socket": "default (in the state dir)"}
     out: list[ConfigValue] = []
     for key, value in msgspec.structs.asdict(config).items():
+        if key == "models":
+            for name, files in value.items():
+                for sub, sub_value in msgspec.structs.asdict(files).items():
+                    path = f"models.{name}.{sub}"
+                    source = sources.get(path, "default")
+                    out.append(ConfigValue(key=path, value=sub_value, source=source))
+            continue
         if isinstance(value, Section):
             for sub, sub_value in msgspec.structs.asdict(value).items():
                 path = f"{key}.{sub}"
@@ -364,9 +427,24 @@ def resolve_paths(config: ServerConfig, env: Mapping[str, str]) -> ServerConfig:
     sub_env = {**env, "WANGEN_STATE_DIR": str(state)}
     output = Path(config.output_dir).expanduser() if config.output_dir else None
     socket = Path(config.socket).expanduser() if config.socket else None
+    models = {
+        name: msgspec.structs.replace(
+            files,
+            transformer=_absolute(files.transformer),
+            transformer_2=_absolute(files.transformer_2) if files.transformer_2 else "",
+        )
+        for name, files in config.models.items()
+    }
     return msgspec.structs.replace(
         config,
+        models=models,
         state_dir=str(state.absolute()),
         output_dir=str((output or default_output_dir(env)).absolute()),
         socket=str((socket or default_socket_path(sub_env)).absolute()),
     )
+
+
+def _absolute(path: str) -> str:
+    """A file path as jobs record it: `~` expanded, relative to the working directory,
+    lexically normalised (symlinks kept)."""
+    return os.path.abspath(os.path.expanduser(path))

@@ -280,6 +280,9 @@ class ResolvedGenerate(Struct, tag="generate", tag_field="kind", frozen=True, kw
     enhancer: dict[str, Any] | None = None  # provider, model, outcome (and why it failed)
     audio: str | None = None
     metadata: str = "embedded"
+    # A [models.NAME] model: component -> the single .safetensors file its weights came
+    # from (the base is `source`); empty for a plain model.
+    files: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class ResolvedMatAnyOne(Struct, tag="matanyone", tag_field="kind", frozen=True, kw_only=True):
@@ -496,6 +499,8 @@ class ModelInfo(Struct, kw_only=True):
     # ("image", "last_image", "video", "mask", "reference_images", "strength", ...)
     accepts: list[str] = msgspec.field(default_factory=list)
     requires: list[str] = msgspec.field(default_factory=list)
+    # A [models.NAME] model: component -> its single .safetensors file (source: the base)
+    files: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class ModelsResult(Struct, kw_only=True):

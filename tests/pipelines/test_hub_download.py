@@ -8,9 +8,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
+from wangend.config import ModelFiles
 from wangend.errors import JobFailure
 from wangend.pipelines.control import JobAborted, JobControl
 from wangend.pipelines.inputs import TaskInputManager
@@ -20,6 +22,7 @@ from wangend.pipelines.runtime import GenerationRuntime
 from wangend.pipelines.tiny import ensure_tiny_model
 from wangend.protocol import GenerateSpec
 
+from .checkpoint_files import write_checkpoint
 from .conftest import RecordingHooks
 from .fake_hub import FakeHub
 
@@ -149,3 +152,39 @@ def test_abort_stops_a_download_and_the_next_load_resumes_it(hub: FakeHub, tmp_p
     manager.ensure(record, "float32", again)
     assert again.named("model_loaded") and registry.available(record)
     assert downloading(again)[-1]["files_done"] == downloading(again)[-1]["files_total"]
+
+
+def test_a_file_model_on_a_hub_base_downloads_all_but_the_transformer(
+    hub: FakeHub, tmp_path
+) -> None:
+    """A ComfyUI user's transformer file on a hub base: the base's text encoder, VAE and
+    configs come down, its transformer weights do not, and the job runs on the file."""
+    source = tmp_path / "source" / "tiny"
+    ckpt = write_checkpoint(source / "transformer", tmp_path / "wan_t2v.safetensors")
+    registry = ModelRegistry(
+        tmp_path / "models", {"mine": ModelFiles(base=REPO, transformer=str(ckpt))}
+    )
+    record = registry.resolve("mine")
+    assert record.kind == "hub" and record.source == REPO
+    manager = ProductionManager(registry, device="cpu", allow_download=True)
+    pipe = manager.ensure(record, "float32", RecordingHooks())
+    fetched = set(hub.fetched())
+    assert "transformer/config.json" in fetched and "vae/config.json" in fetched
+    assert not any(p.startswith("transformer/") and ".safetensors" in p for p in fetched)
+    assert any(p.startswith("text_encoder/") and ".safetensors" in p for p in fetched)
+
+    job = TaskInputManager(registry, "tiny", "auto").resolve(
+        GenerateSpec(prompt="a fox", model="mine", seed=7, steps=2, frames=5, width=32, height=32)
+    )
+    assert job.files == {"transformer": str(ckpt)}
+    runtime = GenerationRuntime(manager, tmp_path / "out")
+    frames = runtime.generate_frames(pipe, job, JobControl(), RecordingHooks())
+    manager.release()
+    plain = ProductionManager(ModelRegistry(tmp_path / "models"), device="cpu")
+    base = plain.ensure(
+        ModelRegistry(tmp_path / "source").resolve("tiny"), "float32", RecordingHooks()
+    )
+    expected = GenerationRuntime(plain, tmp_path / "out").generate_frames(
+        base, msgspec.structs.replace(job, model="tiny", files={}), JobControl(), RecordingHooks()
+    )
+    assert np.array_equal(frames, expected)

@@ -102,10 +102,21 @@ class ModelRecord(Struct, frozen=True, kw_only=True):
     capabilities: Capabilities = Capabilities()
     boundary_ratio: float | None = None  # two experts: where transformer_2 takes over
     expand_timesteps: bool = False  # Wan 2.2 TI2V: per-token timesteps
+    # (component, single .safetensors file) loaded instead of the source's own weights
+    # for that component: a [models.NAME] model (checkpoints.py).
+    files: tuple[tuple[str, str], ...] = ()
 
     @property
     def two_experts(self) -> bool:
         return self.boundary_ratio is not None
+
+    @property
+    def load_source(self) -> str:
+        """What identifies the weights a load reads: the source, and any files that
+        replace its parts. Equal load sources share a warm pipeline."""
+        if not self.files:
+            return self.source
+        return " + ".join([self.source, *(f"{part}={path}" for part, path in self.files)])
 
 
 FAMILY_CAPABILITIES = {

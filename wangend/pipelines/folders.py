@@ -12,7 +12,7 @@ the pipeline class never takes, which are ignored as diffusers ignores them.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from .catalog import (
@@ -104,8 +104,10 @@ def snapshot_folder(folder: Path) -> tuple[Path, str | None]:
     )
 
 
-def check_folder(folder: Path) -> tuple[str | None, list[str]]:
-    """Inspect a diffusers folder: (pipeline class name, list of missing parts)."""
+def check_folder(folder: Path, replaced: Collection[str] = ()) -> tuple[str | None, list[str]]:
+    """Inspect a diffusers folder: (pipeline class name, list of missing parts).
+    `replaced`: components whose weights come from elsewhere (a single-file checkpoint):
+    their folder needs its config.json only."""
     index = read_json(folder / "model_index.json")
     if index is None:
         return None, ["model_index.json"]
@@ -132,21 +134,21 @@ def check_folder(folder: Path) -> tuple[str | None, list[str]]:
                 missing.append("image_processor/preprocessor_config.json")
         elif not (sub / "config.json").is_file():
             missing.append(f"{name}/config.json")
-        else:
+        elif name not in replaced:
             problem = component_weights(sub, name, library).problem
             if problem:
                 missing.append(problem)
     return pipeline if isinstance(pipeline, str) else None, missing
 
 
-def damaged_weights(folder: Path) -> list[str]:
+def damaged_weights(folder: Path, replaced: Collection[str] = ()) -> list[str]:
     """`component/file: what is wrong` for each weights file that is shorter than its
     header says (a partial download) or not safetensors at all. Reads every header, so
-    it runs before a load, not on every enqueue."""
+    it runs before a load, not on every enqueue. `replaced` components are not read."""
     index = read_json(folder / "model_index.json") or {}
     damaged = []
     for name, (library, _cls) in listed_components(index).items():
-        if name in CONFIG_ONLY:
+        if name in CONFIG_ONLY or name in replaced:
             continue
         for path in component_weights(folder / name, name, library).files:
             problem = cut_short(path)

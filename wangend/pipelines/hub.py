@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -97,10 +97,13 @@ def download_snapshot(
     hooks: RunHooks,
     data: dict[str, Any],
     checkpoint: Callable[[], None],
+    skip_weights: Collection[str] = (),
 ) -> Path:
     """Download what a diffusers load of `repo_id` reads (model_index.json and every
     component folder, safetensors only) into the HF cache, reporting `model.loading`
-    events with phase "downloading" from this thread, at most ~4 a second. When
+    events with phase "downloading" from this thread, at most ~4 a second. The
+    `skip_weights` components get their config only (a local single file replaces their
+    weights: 28 GB a Wan 14B transformer does not download again). When
     `checkpoint` raises (an abort), the download threads stop at their next chunk and
     the exception goes up at once; what was fetched stays in the cache."""
     from huggingface_hub import hf_hub_download, snapshot_download
@@ -117,7 +120,10 @@ def download_snapshot(
             outcome["folder"] = snapshot_download(
                 repo_id,
                 allow_patterns=allow,
-                ignore_patterns=HUB_IGNORE,
+                ignore_patterns=[
+                    *HUB_IGNORE,
+                    *(f"{part}/*.safetensors*" for part in skip_weights),
+                ],
                 tqdm_class=_progress_class(counts),
             )
         except BaseException as exc:  # re-raised on the calling thread

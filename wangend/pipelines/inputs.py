@@ -126,6 +126,7 @@ class TaskInputManager:
         return ResolvedGenerate(
             model=record.name,
             source=record.source,
+            files=dict(record.files),
             prompt=choice.prompt,
             negative_prompt=(
                 spec.negative_prompt if spec.negative_prompt is not None else d.negative_prompt

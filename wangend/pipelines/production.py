@@ -19,7 +19,9 @@ each component's safetensors files). Every weight is read with safetensors only,
 pickle is ever unpickled; sharded and variant-only weights load as weights.py picks
 them, and each file's header is checked first, so a partial download fails naming its
 file. The local cache is tried first, the hub only when downloads are allowed (not
-under HF_HUB_OFFLINE; hub.py downloads). Every way a load can fail becomes
+under HF_HUB_OFFLINE; hub.py downloads). A [models.NAME] model loads its transformer(s)
+from single files (checkpoints.py) and the rest from its base, whose transformer weights
+are then neither required nor downloaded. Every way a load can fail becomes
 `JobFailure("ModelUnavailable", <one sentence>)`; tracebacks stay in the log.
 
 How to call it::
@@ -37,7 +39,7 @@ import json
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -53,12 +55,13 @@ from .acceleration import (
     run_settings,
     settle_options,
 )
+from .checkpoints import load_transformer
 from .control import JobAborted, RunHooks
 from .folders import damaged_weights, listed_components
 from .hub import download_snapshot
 from .registry import ModelRecord, ModelRegistry, check_folder
 from .tiny import ensure_tiny_model
-from .weights import component_weights
+from .weights import component_weights, cut_short
 
 __all__ = ["DTYPES", "ProductionManager", "resolve_device", "resolve_dtype"]
 
@@ -114,13 +117,20 @@ def pipeline_bytes(pipe: Any) -> int:
     return total
 
 
-def component_plan(folder: Path) -> list[tuple[str, str, str, str | None, int]]:
+def component_plan(
+    folder: Path, files: Mapping[str, str] | None = None
+) -> list[tuple[str, str, str, str | None, int]]:
     """(name, library, class, weights variant, safetensors bytes) per component the
     pipeline takes, in model_index order. Sizes follow symlinks (a hub cache snapshot)
-    and count only the files the load reads (one variant, every shard)."""
+    and count only the files the load reads (one variant, every shard, or the single
+    file in `files` that replaces a component's weights)."""
     index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    files = files or {}
     plan = []
     for name, (library, cls) in listed_components(index).items():
+        if name in files:
+            plan.append((name, library, cls, None, Path(files[name]).stat().st_size))
+            continue
         weights = component_weights(folder / name, name, library)
         size = sum(f.stat().st_size for f in weights.files if f.is_file())
         plan.append((name, library, cls, weights.variant, size))
@@ -203,7 +213,7 @@ class ProductionManager:
         if isinstance(options, str):
             options = EngineOptions(dtype=self.job_dtype(options))
         options, _notes = settle_options(options, self._device)
-        key = (record.source, self._device, *options.load_key)
+        key = (record.load_source, self._device, *options.load_key)
         if self._pipe is not None and self._key == key:
             self._model = record.name
             return self._pipe
@@ -212,6 +222,7 @@ class ProductionManager:
         self._put_away()
         data: dict[str, Any] = {
             "source": record.source,
+            **({"files": dict(record.files)} if record.files else {}),
             "device": self._device,
             "dtype": options.dtype,
             "memory_profile": options.memory_profile,
@@ -299,7 +310,7 @@ class ProductionManager:
         folder = Path(record.source)
         if not folder.is_dir():
             raise JobFailure("ModelUnavailable", f"model {name}: folder {folder} is gone")
-        missing = check_folder(folder)[1]
+        missing = check_folder(folder, dict(record.files))[1]
         if missing:
             raise JobFailure(
                 "ModelUnavailable",
@@ -319,13 +330,22 @@ class ProductionManager:
         import diffusers
 
         pipeline_cls = getattr(diffusers, record.pipeline)
+        replaced = dict(record.files)
         try:
-            folder = Path(
-                pipeline_cls.download(record.source, local_files_only=True, use_safetensors=True)
-            )
-            if not check_folder(folder)[1]:
+            if replaced:  # the cached snapshot as it is: its transformer may be absent
+                from huggingface_hub import snapshot_download
+
+                folder = Path(snapshot_download(record.source, local_files_only=True))
+            else:
+                folder = Path(
+                    pipeline_cls.download(
+                        record.source, local_files_only=True, use_safetensors=True
+                    )
+                )
+            missing = check_folder(folder, replaced)[1]
+            if not missing:
                 return folder
-            problem: Exception = FileNotFoundError(", ".join(check_folder(folder)[1]))
+            problem: Exception = FileNotFoundError(", ".join(missing))
         except Exception as exc:
             problem = exc
         if not self.downloads_allowed():
@@ -335,8 +355,10 @@ class ProductionManager:
                 "Face cache and downloading is switched off",
             ) from problem
         try:
-            folder = download_snapshot(record.source, record.name, hooks, data, checkpoint)
-            missing = check_folder(folder)[1]
+            folder = download_snapshot(
+                record.source, record.name, hooks, data, checkpoint, skip_weights=replaced
+            )
+            missing = check_folder(folder, replaced)[1]
             if missing:
                 raise FileNotFoundError(f"the hub repo lacks {', '.join(missing)}")
             return folder
@@ -360,14 +382,16 @@ class ProductionManager:
         import diffusers
 
         name = record.name
+        files = dict(record.files)
         folder = self._folder(record, hooks, data, checkpoint)
-        damaged = damaged_weights(folder)
+        damaged = damaged_weights(folder, files)
+        damaged += [f"{path}: {why}" for path in files.values() if (why := cut_short(Path(path)))]
         if damaged:
             raise JobFailure(
                 "ModelUnavailable",
                 f"model {name} could not be loaded from {folder}: {'; '.join(damaged)}",
             )
-        plan = component_plan(folder)
+        plan = component_plan(folder, files)
         total = sum(size for *_, size in plan)
         progress = {
             **data,
@@ -386,9 +410,15 @@ class ProductionManager:
                     # The VAE stays in float32 under half precision: Wan's VAE decodes
                     # visibly worse in bf16 and is small next to the transformer.
                     dtype = torch.float32 if part == "vae" else torch_dtype
-                    components[part] = _load_component(
-                        folder, part, library, cls_name, dtype, variant=variant
-                    )
+                    if part in files:
+                        cls = getattr(importlib.import_module(library), cls_name)
+                        components[part] = load_transformer(
+                            cls, Path(files[part]), folder / part, dtype, base=record.source
+                        )
+                    else:
+                        components[part] = _load_component(
+                            folder, part, library, cls_name, dtype, variant=variant
+                        )
                     progress.update(
                         component=part,
                         components_loaded=index,

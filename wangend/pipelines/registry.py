@@ -1,10 +1,12 @@
 """Model records: which models wangend knows, where their files come from, what inputs
 each one takes, and the defaults and size rules it brings.
 
-A job names its model in one of four ways, tried in this order:
+A job names its model in one of five ways, tried in this order:
 
 1. a built-in name: a real Wan model ("wan2.1-t2v-1.3b", ..., "wan2.2-ti2v-5b", loaded
    from the hub cache) or a tiny offline one ("tiny", "tiny-i2v", ... built on first use);
+1b. a `[models.NAME]` of the config: single-file transformer checkpoints (ComfyUI's,
+   Wan2GP's) on a base model that supplies the rest (checkpoints.py);
 2. a diffusers folder dropped into the models directory, named by its folder name;
 3. a path to a diffusers folder (one with model_index.json): absolute, `~/...`, or
    relative (`./wan`, `../wan`, or `models/wan` when that folder exists), read from the
@@ -30,11 +32,12 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import msgspec
 
+from ..config import ConfigError, ModelFiles
 from ..errors import ModelUnavailable
 from ..protocol import ModelInfo
 from .catalog import (
@@ -54,6 +57,7 @@ from .catalog import (
     builtin_records,
     family_record,
 )
+from .checkpoints import CheckpointProblem, check_fits, inspect_transformer
 from .folders import (
     check_folder,
     detect,
@@ -80,9 +84,15 @@ __all__ = [
 class ModelRegistry:
     """Resolves model names to records; owns no loaded weights (production.py does)."""
 
-    def __init__(self, models_dir: Path) -> None:
+    def __init__(self, models_dir: Path, files: Mapping[str, ModelFiles] | None = None) -> None:
         self.models_dir = Path(models_dir).expanduser().absolute()
         self._builtins = builtin_records(self.models_dir)
+        self._files = dict(files or {})
+        clash = sorted(self._files.keys() & self._builtins.keys())
+        if clash:
+            raise ConfigError(
+                f"models.{clash[0]}: {clash[0]} is the name of a built-in model; pick another"
+            )
 
     @property
     def names(self) -> list[str]:
@@ -97,6 +107,8 @@ class ModelRegistry:
         name = name.strip()
         if name in self._builtins:
             return self._builtins[name]
+        if name in self._files:
+            return self._with_files(name, self._files[name])
         for record in self._builtins.values():
             if record.kind == "hub" and record.source == name:
                 return record
@@ -169,8 +181,54 @@ class ModelRegistry:
             description=f"local diffusers folder {folder} ({family})", defaults=defaults, **facts,
         )  # fmt: skip
 
+    def _with_files(self, name: str, spec: ModelFiles) -> ModelRecord:
+        """A [models.NAME] model: its base's record with the transformer file(s) in place
+        of the base's own weights. Each file's header is read and checked against the
+        base's transformer config (when that is on disk) here, before any job queues."""
+        if spec.base in self._files:
+            raise ModelUnavailable(
+                f"model {name}: base {spec.base} is itself a [models.*] model; name a "
+                "built-in model, a diffusers folder or a hub id",
+                {"model": name},
+            )
+        try:
+            base = self.resolve(spec.base)
+        except ModelUnavailable as exc:
+            raise ModelUnavailable(f"model {name}: base {exc.message}", {"model": name}) from None
+        parts = [("transformer", spec.transformer)]
+        if spec.transformer_2:
+            if not base.two_experts:
+                raise ModelUnavailable(
+                    f"model {name}: transformer_2 is the low-noise expert of a Wan 2.2 A14B "
+                    f"model, but base {base.name} has one transformer",
+                    {"model": name},
+                )
+            parts.append(("transformer_2", spec.transformer_2))
+        read = (
+            hub_reader(base.source)
+            if base.kind == "hub"
+            else (lambda p: read_json(Path(base.source) / p))
+        )
+        for part, path in parts:
+            try:
+                found = inspect_transformer(Path(path))
+                config = read(f"{part}/config.json")
+                if config is not None:
+                    check_fits(found, config, base.name)
+            except CheckpointProblem as exc:
+                raise ModelUnavailable(f"model {name}: {exc}", {"model": name}) from None
+        files = ", ".join(Path(path).name for _part, path in parts)
+        return msgspec.structs.replace(
+            base,
+            name=name,
+            description=spec.description or f"{files} on {base.name} ({base.family})",
+            files=tuple(parts),
+        )
+
     def available(self, record: ModelRecord) -> bool:
         """On disk, in the HF cache, or buildable offline (tiny)."""
+        if record.files and not all(Path(path).is_file() for _part, path in record.files):
+            return False
         if record.tiny:
             return True
         if record.kind == "hub":
@@ -186,6 +244,10 @@ class ModelRegistry:
         marked unavailable, so a user sees why their folder does not work), then the
         default and the loaded model when they are neither (a path or a hub id)."""
         entries = [(r, self.available(r)) for r in self._builtins.values()]
+        for name in self._files:
+            entries.append(
+                self._entry(name, self._files[name].transformer, lambda n=name: self.resolve(n))
+            )
         if self.models_dir.is_dir():
             for folder in sorted(self.models_dir.iterdir()):
                 if folder.name.startswith(".") or folder.name in self._builtins:
@@ -213,6 +275,7 @@ class ModelRegistry:
                 default=default is not None and default == r.name,
                 accepts=list(r.capabilities.accepts),
                 requires=list(r.capabilities.requires),
+                files=dict(r.files),
             )
             for r, ok in entries
         ]

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ComponentWeights", "component_weights", "cut_short"]
+__all__ = ["ComponentWeights", "component_weights", "cut_short", "read_header"]
 
 # The weights file stem each library's from_pretrained looks for.
 STEMS = {"diffusers": ("diffusion_pytorch_model",), "transformers": ("model",)}
@@ -129,17 +129,32 @@ def component_weights(folder: Path, name: str, library: str) -> ComponentWeights
     return ComponentWeights(problem=f"{name}/*.safetensors (no {expected} and no shard index)")
 
 
+def read_header(path: Path) -> tuple[dict, int, int]:
+    """A safetensors file's header (tensor name -> dtype, shape, data offsets; and
+    `__metadata__`), where its tensor data starts, and the file's size. Reads 8 bytes
+    and the JSON table, never the tensors, so a 28 GB checkpoint is inspected in
+    milliseconds. OSError when the file cannot be read; ValueError (saying why) when it
+    is not safetensors."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length < 0 or length > MAX_HEADER_BYTES or 8 + length > size:
+            raise ValueError(f"cut short or not safetensors ({size} bytes, no complete header)")
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:
+            header = None
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors file (its header does not parse)")
+    return header, 8 + length, size
+
+
 def cut_short(path: Path) -> str | None:
     """None when the safetensors file holds every byte its header promises, else what is
     wrong with it (a partial download is the usual cause)."""
     try:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
-            head = handle.read(8)
-            length = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if length < 0 or length > MAX_HEADER_BYTES or 8 + length > size:
-                return f"cut short or not safetensors ({size} bytes, no complete header)"
-            header = json.loads(handle.read(length))
+        header, start, size = read_header(path)
         end = max(
             (
                 int(entry["data_offsets"][1])
@@ -150,9 +165,11 @@ def cut_short(path: Path) -> str | None:
         )
     except OSError as exc:
         return f"unreadable ({exc.strerror or exc})"
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+    except ValueError as exc:
+        return str(exc)
+    except (TypeError, KeyError, IndexError, AttributeError):
         return "not a safetensors file (its header does not parse)"
-    expected = 8 + length + end
+    expected = start + end
     if size < expected:
         return f"cut short: {size} of {expected} bytes (an unfinished download?)"
     return None

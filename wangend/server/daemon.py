@@ -45,7 +45,7 @@ import anyio
 import msgspec
 
 from .. import __version__
-from ..config import ServerConfig
+from ..config import ConfigError, ServerConfig
 from ..logs import set_log_level
 from ..pipelines.production import resolve_device
 from ..protocol import (
@@ -145,7 +145,10 @@ class Daemon:
         with database_errors(cfg.db_path):
             self.store = JobStore(cfg.db_path)
         quiet_library_progress_bars()
-        self.engine = Engine(cfg)
+        try:
+            self.engine = Engine(cfg)
+        except ConfigError as exc:
+            raise StartupError(f"config: {exc}", 2) from None
         with database_errors(cfg.db_path):  # the first reads and the crash recovery
             self.bus = EventBus(
                 cfg.event_buffer,

@@ -69,7 +69,7 @@ def preset_roots(config: ServerConfig) -> list[Path]:
 class Engine:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.registry = ModelRegistry(config.models_path)
+        self.registry = ModelRegistry(config.models_path, config.models)
         self.production = ProductionManager(
             self.registry, config.device, config.dtype, keep_models_gb=config.engine.keep_models_gb
         )
