@@ -114,6 +114,25 @@ def test_missing_repo_is_model_unavailable(hub: FakeHub, tmp_path) -> None:
         manager.ensure(registry.resolve("org/nothing-here"), "float32", RecordingHooks())
     assert caught.value.kind == "ModelUnavailable"
     assert "could not be downloaded" in str(caught.value)
+    assert str(caught.value).endswith(
+        "not found on the hub: no such repo (or it is private), or no model_index.json"
+    )
+
+
+def test_a_model_that_cannot_be_fetched_leaves_the_warm_one_warm(hub: FakeHub, tmp_path) -> None:
+    """A mistyped hub id (or a model not downloaded, downloads off) fails its job, but the
+    warm pipeline stays: the next job on it does not pay a reload."""
+    registry = ModelRegistry(tmp_path / "models")
+    for allow, missing in ((True, "org/nothing-here"), (False, REPO)):
+        manager = ProductionManager(registry, device="cpu", allow_download=allow)
+        warm = manager.ensure(registry.resolve("tiny"), "float32", RecordingHooks())
+        with pytest.raises(JobFailure):
+            manager.ensure(registry.resolve(missing), "float32", RecordingHooks())
+        assert manager.loaded_model == "tiny" and manager.pipeline is warm
+        again = RecordingHooks()
+        assert manager.ensure(registry.resolve("tiny"), "float32", again) is warm
+        assert again.named("model_loading") == []
+        manager.release()
 
 
 def test_no_download_when_downloads_are_off(hub: FakeHub, tmp_path) -> None:

@@ -96,6 +96,27 @@ def one_line(exc: BaseException, limit: int = 200) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+def hub_problem(exc: BaseException) -> str:
+    """Why a download failed, in words a user can act on: huggingface_hub's own
+    messages run to several lines (and end in advice about the internet connection
+    whatever the cause), so the kinds that matter are named here."""
+    from huggingface_hub import errors
+
+    kinds: tuple[tuple[type[BaseException], str], ...] = (
+        (errors.GatedRepoError, "the repo is gated: accept its terms on the hub and log in"),
+        (errors.RepositoryNotFoundError, "no such repo on the hub (or it is private)"),
+        (errors.RevisionNotFoundError, "the repo has no such revision"),
+        (errors.LocalEntryNotFoundError, "the hub cannot be reached and the cache lacks it"),
+    )
+    for kind, text in kinds:
+        if isinstance(exc, kind):
+            return text
+    response = getattr(exc, "response", None)
+    if getattr(response, "status_code", None) in (401, 404):
+        return "not found on the hub: no such repo (or it is private), or no model_index.json"
+    return one_line(exc)
+
+
 def _env_offline() -> bool:
     value = os.environ.get("HF_HUB_OFFLINE", "")
     return value.strip().lower() in {"1", "true", "yes", "on"}
@@ -218,8 +239,6 @@ class ProductionManager:
             self._model = record.name
             return self._pipe
         reason = "cold" if self._pipe is None else "switch"
-        parked = self._parked.pop(key, None)  # before parking the current one evicts it
-        self._put_away()
         data: dict[str, Any] = {
             "source": record.source,
             **({"files": dict(record.files)} if record.files else {}),
@@ -230,13 +249,20 @@ class ProductionManager:
             "reason": reason,
         }
         started = time.perf_counter()
+        parked = self._parked.get(key)
+        # Find (or download) and check the new model's files while the warm one stays:
+        # a mistyped hub id or a partial folder must not cost the next job a reload.
+        folder = self._checked_folder(record, hooks, data, checkpoint) if parked is None else None
+        self._parked.pop(key, None)  # before parking the current one evicts it
+        self._put_away()
         if parked is not None:
             hooks.model_loading(record.name, {**data, "reason": "unpark"})
             pipe = parked[0]
             pipe.to(self._device)
             data["reason"] = "unpark"
         else:
-            pipe = self._load(record, options, hooks, data, checkpoint)
+            assert folder is not None
+            pipe = self._load(record, folder, options, hooks, data, checkpoint)
         self._pipe, self._key, self._model = pipe, key, record.name
         self._compiled_shapes = set()
         hooks.model_loaded(
@@ -368,12 +394,33 @@ class ProductionManager:
             raise JobFailure(
                 "ModelUnavailable",
                 f"model {record.name} could not be downloaded from the Hugging Face hub "
-                f"({record.source}): {one_line(exc)}",
+                f"({record.source}): {hub_problem(exc)}",
             ) from exc
+
+    def _checked_folder(
+        self,
+        record: ModelRecord,
+        hooks: RunHooks,
+        data: dict[str, Any],
+        checkpoint: Callable[[], None],
+    ) -> Path:
+        """The folder to load `record` from, with every weights file whole (headers
+        read), or JobFailure("ModelUnavailable") naming what is missing or damaged."""
+        files = dict(record.files)
+        folder = self._folder(record, hooks, data, checkpoint)
+        damaged = damaged_weights(folder, files)
+        damaged += [f"{path}: {why}" for path in files.values() if (why := cut_short(Path(path)))]
+        if damaged:
+            raise JobFailure(
+                "ModelUnavailable",
+                f"model {record.name} could not be loaded from {folder}: {'; '.join(damaged)}",
+            )
+        return folder
 
     def _load(
         self,
         record: ModelRecord,
+        folder: Path,
         options: EngineOptions,
         hooks: RunHooks,
         data: dict[str, Any],
@@ -383,14 +430,6 @@ class ProductionManager:
 
         name = record.name
         files = dict(record.files)
-        folder = self._folder(record, hooks, data, checkpoint)
-        damaged = damaged_weights(folder, files)
-        damaged += [f"{path}: {why}" for path in files.values() if (why := cut_short(Path(path)))]
-        if damaged:
-            raise JobFailure(
-                "ModelUnavailable",
-                f"model {name} could not be loaded from {folder}: {'; '.join(damaged)}",
-            )
         plan = component_plan(folder, files)
         total = sum(size for *_, size in plan)
         progress = {
