@@ -158,3 +158,17 @@ def test_input_folders_confine_what_a_job_may_make_the_daemon_read(tmp_path: Pat
     finally:
         daemon.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_token_files_contents_as_read_let_a_client_in(daemon: DaemonProcess) -> None:
+    """The docs say: send the contents of the token file. Read whole, they end in a
+    newline; that is not part of the token. On the Unix socket `auth` is already done."""
+    contents = daemon.token_file.read_text()
+    assert contents.endswith("\n")
+    with daemon.tcp(authed=False) as client:
+        assert client.result("auth", {"token": contents}) == {"ok": True}
+        assert client.result("status")["pid"] == daemon.proc.pid
+    with daemon.unix() as client:
+        assert client.result("auth", {"token": contents}) == {"ok": True}
+        assert client.result("auth", {"token": "anything"}) == {"ok": True}
+        assert client.result("status")["pid"] == daemon.proc.pid
