@@ -464,6 +464,35 @@ async def test_a_stop_waits_for_the_step_then_the_restart_resumes_there(
         assert steps[0] >= reached.data["step"], (step_wait, steps)
 
 
+async def test_cancelling_a_suspended_job_drops_its_resume_point_at_once(
+    store: JobStore,
+    runtime: GenerationRuntime,
+    inputs: TaskInputManager,
+    recorder: Recorder,
+    tmp_path: Path,
+) -> None:
+    """A job stopped mid-run keeps a point for its next attempt; cancelled while queued
+    (`abort JOB` or `clear`), the point goes then, not at the next start's sweep."""
+    points = ResumeStore(tmp_path / "resume", every=0.0)
+    resumable = GenerationRuntime(runtime.production, tmp_path / "out", resume=points)
+    for cancel in ("abort", "clear"):
+        controller = QueueController(store, resumable, inputs, recorder)
+        job = controller.enqueue(spec(steps=40)).job
+        async with anyio.create_task_group() as tg:
+            await tg.start(controller.run)
+            await recorder.wait_for(on("job.progress", job, 3))
+            await controller.stop("graceful", timeout=20)
+        assert store.get(job).state == "queued" and points.jobs() == [job]
+        again = QueueController(store, resumable, inputs, recorder)
+        again.pause("now")  # nothing starts; the job waits with its point
+        if cancel == "abort":
+            again.abort(job)
+        else:
+            assert again.clear().cancelled == [job]
+        assert store.get(job).state == "aborted" and points.jobs() == [], cancel
+        again.resume()
+
+
 async def test_the_job_a_pause_after_current_lets_finish_still_finishes_after_a_stop(
     controller: QueueController,
     recorder: Recorder,
