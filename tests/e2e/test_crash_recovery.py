@@ -153,7 +153,7 @@ def test_kill_9_mid_denoising_resumes_from_the_last_point(tmp_path: Path) -> Non
         daemon.stop()
     resumed = read_metadata(final["data"]["outputs"][0])
     assert resumed["frames_sha256"] == read_metadata(whole["data"]["outputs"][0])["frames_sha256"]
-    assert any(note.startswith("resumed at step") for note in resumed["notes"])
+    assert any(note.startswith("resumed after step") for note in resumed["notes"])
     assert list(point.iterdir()) == []  # the point went with the job's end
 
 

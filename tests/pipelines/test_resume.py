@@ -85,7 +85,7 @@ def test_a_suspended_job_resumes_to_the_same_frames(
     resumed, hooks = run(resumable, 2, job)
     assert denoising_steps(hooks) == [4, 5, 6]  # no step before 4 runs again
     assert resumed["frames_sha256"] == whole["frames_sha256"]
-    assert any("resumed at step 4 of 6" in note for note in resumed["notes"])
+    assert any("resumed after step 4 of 6" in note for note in resumed["notes"])
     assert store.jobs() == []
 
 

@@ -300,7 +300,7 @@ def test_kill_9s_mid_job_resume_to_the_frames_of_an_uninterrupted_run(tmp_path: 
     assert resumed["frames_sha256"] == fresh["frames_sha256"], (resumed["notes"], fresh["notes"])
     last = [a.resumed_at for a in attempts if a.resumed_at is not None][-1]
     if last:
-        assert f"resumed at step {last} of {STEPS} " in " ".join(resumed.get("notes", [])), (
+        assert f"resumed after step {last} of {STEPS} " in " ".join(resumed.get("notes", [])), (
             resumed.get("notes"),
             last,
         )

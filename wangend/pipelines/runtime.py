@@ -176,7 +176,7 @@ class GenerationRuntime:
             raise
         if resume is not None and resume.skip:
             report.notes.append(
-                f"resumed at step {resume.offset + resume.skip} of {job.steps} from the "
+                f"resumed after step {resume.offset + resume.skip} of {job.steps} from the "
                 "resume point of an earlier attempt"
             )
         hooks.progress(job.steps, job.steps, "saving")
@@ -303,7 +303,10 @@ class GenerationRuntime:
             pipe.scheduler = runner.scheduler = scheduler_for(pipe.scheduler, job.flow_shift)
             if resumed:
                 log.info(
-                    "job %d resumes at step %d of %d", resume.job_id, resumed, denoising_steps(job)
+                    "job %d resumes after step %d of %d",
+                    resume.job_id,
+                    resumed,
+                    denoising_steps(job),
                 )
                 runner = resuming_view(runner, resumed)
                 if "strength" in task_args:  # V2V: its video only makes the first
