@@ -28,3 +28,9 @@ def test_a_usage_error_is_a_plain_line() -> None:
         "Error: Invalid value for --since: 'soon' is neither Unix seconds nor an ISO 8601 "
         "date or time"
     ]
+
+
+def test_token_takes_the_state_dir_serve_was_given(tmp_path) -> None:
+    result = runner.invoke(app, ["token", "--state-dir", str(tmp_path / "state")])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == str(tmp_path / "state" / "token")

@@ -113,7 +113,12 @@ def serve(
     overrides = _overrides(
         host, port, no_tcp, socket, state_dir, output_dir, model, device, log_level, stop_grace
     )
-    cfg = _load(config, overrides)
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as exc:  # a log line like every other startup error (journald <3>)
+        setup_logging("info")
+        logging.getLogger("wangend").error("%s", exc)
+        raise typer.Exit(2) from None
     setup_logging(cfg.log_level)
     from .server.daemon import StartupError, run_daemon  # heavy imports only for serve
     from .server.systemd import listen_sockets
@@ -130,9 +135,9 @@ def serve(
 
 
 @app.command()
-def token(config: ConfigOpt = None) -> None:
+def token(config: ConfigOpt = None, state_dir: StateOpt = None) -> None:
     """Print the path of the token file that TCP clients authenticate with."""
-    typer.echo(_load(config).token_path)
+    typer.echo(_load(config, {"state_dir": state_dir}).token_path)
 
 
 @config_app.command("check")

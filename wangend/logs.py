@@ -17,7 +17,12 @@ def setup_logging(level: str) -> None:
     class _Formatter(logging.Formatter):
         def format(self, record: logging.LogRecord) -> str:
             text = super().format(record)
-            return prefixes.get(record.levelname, "") + text if under_journal else text
+            if not under_journal:
+                return text
+            # journald reads each line on its own: every line of a multi-line record
+            # (a traceback, a library's message) carries the record's priority.
+            prefix = prefixes.get(record.levelname, "")
+            return prefix + text.replace("\n", "\n" + prefix)
 
     fmt = "%(name)s: %(message)s"
     if not under_journal:

@@ -55,12 +55,23 @@ def test_a_device_this_machine_cannot_give_is_one_line_and_exit_2(
     code, output = daemon.run_until_exit()
     assert code == 2, output
     assert "Traceback" not in output, output
-    # "gpu0" is refused with the config ("wangend: invalid value for device (flag
-    # --device): not a device; ..."), "cuda" when the daemon starts (a logged ERROR).
+    # "gpu0" is refused with the config ("invalid value for device (flag --device): not
+    # a device; ..."), "cuda" when the daemon starts; both as a logged ERROR line.
     errors = [line for line in output.splitlines() if "invalid value for device" in line]
     assert len(errors) == 1, output
+    assert " ERROR wangend: " in errors[0], output
     assert "--device" in errors[0] if device == "gpu0" else device in errors[0]
     assert not daemon.state_dir.exists()  # refused before anything was created
+
+
+def test_a_config_a_model_name_clashes_in_is_one_logged_line_and_exit_2(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[models.tiny]\nbase = "tiny"\ntransformer = "/x.safetensors"\n')
+    daemon = DaemonProcess(tmp_path, "--config", str(config))
+    code, output = daemon.run_until_exit()
+    assert code == 2 and "Traceback" not in output, output
+    [line] = [line for line in output.splitlines() if " ERROR " in line]
+    assert "models.tiny: tiny is the name of a built-in model" in line, output
 
 
 def test_stop_grace_second_signal_and_restart(tmp_path: Path) -> None:

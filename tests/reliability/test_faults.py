@@ -300,6 +300,7 @@ def test_startup_refuses_a_locked_or_corrupt_database_and_a_taken_state_dir(
         assert "Traceback" not in output, (name, output)
         errors = [line for line in lines if " ERROR " in line]
         assert len(errors) == 1, (name, output)  # exactly one line says what is wrong
+        assert not any("wangend stopped" in line for line in lines), (name, output)  # never ran
         for word in words:
             assert word in errors[0], (name, errors[0])
         assert not (cases[name].state_dir / "endpoint.json").exists()

@@ -220,6 +220,7 @@ class Daemon:
     ) -> None:
         self._stop_requested = anyio.Event()
         failure: StartupError | None = None
+        served = False
         try:
             self.build()
             async with anyio.create_task_group() as tg:
@@ -229,11 +230,13 @@ class Daemon:
                 except ListenError as exc:  # raised here, unwrapped by the task group
                     failure = StartupError(_listen_failure(exc), 3)
                 else:
+                    served = True
                     await self._serving(tg, endpoint, shutdown_trigger, task_status)
                     tg.cancel_scope.cancel()
         finally:
             self._teardown()
-            log.info("wangend stopped")
+            if served:  # a refused start says only why (the caller logs that)
+                log.info("wangend stopped")
         if failure is not None:
             raise failure
 
@@ -436,12 +439,20 @@ def _listen_failure(exc: ListenError) -> str:
 
 def quiet_library_progress_bars() -> None:
     """tqdm bars from diffusers/transformers would flood the daemon's log; the daemon
-    reports loading and steps as events instead."""
+    reports loading and steps as events instead. The libraries' own log handlers go
+    too: their records reach the daemon's handler (level, time, journald priority)
+    instead of being printed a second time, raw."""
     import diffusers.utils.logging
+    import huggingface_hub.utils.logging
     import transformers.utils.logging
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    for library in (diffusers.utils.logging, transformers.utils.logging):
+        library.disable_default_handler()
+        library.enable_propagation()
+    logging.getLogger("huggingface_hub").handlers.clear()
+    huggingface_hub.utils.logging.enable_propagation()
 
 
 def run_daemon(

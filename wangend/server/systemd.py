@@ -160,7 +160,9 @@ Type=notify
 NotifyAccess=main
 ExecStart={exec} serve --state-dir /var/lib/wangend --output-dir /var/lib/wangend/outputs
 ExecReload=/bin/kill -HUP $MAINPID
-# SIGTERM holds the running job and puts it back in the queue; a second one stops at once.
+# SIGTERM lets the running step end, writes its resume point and puts the job back in
+# the queue (after stop_grace, if set); another one hurries that along and still exits
+# 0; only a signal after that exits at once with 1 (docs/operations.md).
 KillSignal=SIGTERM
 TimeoutStartSec=120
 TimeoutStopSec=60
@@ -247,7 +249,9 @@ Type=notify
 NotifyAccess=main
 ExecStart={exec} serve
 ExecReload=/bin/kill -HUP $MAINPID
-# SIGTERM holds the running job and puts it back in the queue; a second one stops at once.
+# SIGTERM lets the running step end, writes its resume point and puts the job back in
+# the queue (after stop_grace, if set); another one hurries that along and still exits
+# 0; only a signal after that exits at once with 1 (docs/operations.md).
 KillSignal=SIGTERM
 TimeoutStartSec=120
 TimeoutStopSec=60
