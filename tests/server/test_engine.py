@@ -70,3 +70,23 @@ def test_a_reload_switches_lora_folders_without_touching_the_model(
     assert job.loras[0].path == str(other / "wan_tiny" / "bold.safetensors")
     assert engine.production is production
     assert engine.reload(new) == []
+
+
+def test_a_dry_run_says_when_the_model_is_not_on_disk(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`valid` must not hide that running the job means a 60 GB download, or a failure."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert engine.validate(GenerateSpec(prompt="a fox", frames=5)).plan["model_on_disk"]
+    spec = GenerateSpec(prompt="a fox", model="wan2.1-t2v-1.3b")
+    engine.production.allow_download = True
+    plan = engine.validate(spec).plan
+    assert plan["model_on_disk"] is False
+    assert plan["note"] == (
+        "model wan2.1-t2v-1.3b is not on disk: the job would first download "
+        "Wan-AI/Wan2.1-T2V-1.3B-Diffusers from the Hugging Face hub"
+    )
+    engine.production.allow_download = False
+    assert "downloading is off" in engine.validate(spec).plan["note"]

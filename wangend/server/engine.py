@@ -45,6 +45,7 @@ from ..protocol import (
     ModelsResult,
     PresetInfo,
     PresetsResult,
+    ResolvedGenerate,
     ValidateResult,
 )
 from .workers import JobRouter
@@ -136,7 +137,27 @@ class Engine:
 
     def validate(self, spec: JobSpec) -> ValidateResult:
         job = self.resolve(spec)
-        return ValidateResult(spec=job, plan=self.router.plan(job))
+        plan = self.router.plan(job)
+        if isinstance(job, ResolvedGenerate):
+            plan.update(self._model_plan(job.model))
+        return ValidateResult(spec=job, plan=plan)
+
+    def _model_plan(self, name: str) -> dict[str, Any]:
+        """Whether the job's model is on disk, and what running it would do if not: a
+        dry run that says "valid" should not hide a 60 GB download, or a failure."""
+        record = self.registry.resolve(name)
+        if self.registry.available(record):
+            return {"model_on_disk": True}
+        if record.kind != "hub":
+            why = "its files are missing; the job would fail"
+        elif self.production.downloads_allowed():
+            why = f"the job would first download {record.source} from the Hugging Face hub"
+        else:
+            why = (
+                f"{record.source} is not in the Hugging Face cache and downloading is off "
+                "(HF_HUB_OFFLINE); the job would fail"
+            )
+        return {"model_on_disk": False, "note": f"model {name} is not on disk: {why}"}
 
     def loras(self, model: str | None, state: bool) -> LorasResult:
         name = model or self.config.model
