@@ -288,3 +288,28 @@ def test_unavailable_models_fail_with_one_sentence(registry, tmp_path, hooks) ->
         runtime.run(2, local, JobControl(), hooks)
     assert info.value.kind == "ModelUnavailable" and "text_encoder/ folder" in info.value.message
     assert not (tmp_path / "out").exists()
+
+
+def test_an_input_deleted_after_queueing_fails_the_job_before_any_load(
+    family_models: Path, tmp_path: Path
+) -> None:
+    """The start image went away while the job waited: the job fails naming it, and the
+    warm model is not swapped for one the job could not use."""
+    from PIL import Image
+
+    image = tmp_path / "start.png"
+    Image.new("RGB", (32, 32), (200, 30, 10)).save(image)
+    registry = ModelRegistry(family_models)
+    job = TaskInputManager(registry, "tiny-i2v").resolve(
+        GenerateSpec(prompt="she smiles", image=str(image), width=32, height=32, frames=5)
+    )
+    image.unlink()
+    production = ProductionManager(registry, device="cpu", allow_download=False)
+    warm = production.ensure(registry.resolve("tiny"), "float32", RecordingHooks())
+    runtime = GenerationRuntime(production, tmp_path / "out")
+    with pytest.raises(JobFailure) as caught:
+        runtime.run(1, job, JobControl(), RecordingHooks())
+    assert caught.value.kind == "InvalidInput"
+    assert caught.value.message == f"image {image} is gone since the job was queued"
+    assert production.pipeline is warm and production.loaded_model == "tiny"
+    production.release()

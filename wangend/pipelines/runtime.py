@@ -146,6 +146,7 @@ class GenerationRuntime:
             record = self.production.registry.resolve(job.model)
         except ModelUnavailable as exc:
             raise JobFailure("ModelUnavailable", exc.message) from None
+        _check_inputs_still_there(job)  # before a load that could take minutes
         job = self.enhance_prompt(job, hooks)
         control.check_abort()
         options = EngineOptions.from_job(job, self.production.job_dtype(job.dtype))
@@ -347,3 +348,19 @@ class GenerationRuntime:
         if timings is not None:
             timings.update(tracker.timings(time.perf_counter()))
         return to_uint8(np.asarray(output.frames[0]))
+
+
+def _check_inputs_still_there(job: ResolvedGenerate) -> None:
+    """JobFailure("InvalidInput") naming the first input file that went away since the
+    job was queued (checked then), so the job fails before loading a model it cannot
+    use. The audio source is left out: without it the video is written silent."""
+    paths = [
+        (name, value)
+        for name in ("image", "last_image", "video", "mask")
+        if (value := getattr(job, name))
+    ]
+    paths += [("reference_images", path) for path in job.reference_images]
+    for name, path in paths:
+        if not Path(path).is_file():
+            raise JobFailure("InvalidInput", f"{name} {path} is gone since the job was queued")
+
