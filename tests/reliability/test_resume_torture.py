@@ -21,9 +21,8 @@ being decoded. It proves, from outside, with nothing but the socket and the file
 * nothing is left behind: no point or temp file in <state dir>/resume; in the output
   dir one file per job, the one its record names, and no hidden temp file.
 
-Not covered: a kill in the milliseconds between the video getting its final name and the
-runtime noting it (resume.py `record_outputs`). The next attempt then writes the video
-again and the first copy is left unnamed by any record (docs/reliability.md).
+A kill in the milliseconds between the video getting its final name and the runtime
+noting it is test_output_claims.py's.
 """
 
 from __future__ import annotations

@@ -111,22 +111,30 @@ def publish(
     policy: RetryPolicy,
     *,
     reserve: Sequence[str] = (),
+    on_claim: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a new file `folder/stem<suffix>` (or the first free `stem(N)<suffix>`) with
     `write(temp_path)` and return its absolute path. `reserve`: other suffixes that must be
-    free under the same `stem(N)` too, so companions (`stem(N).json`) pair with it."""
+    free under the same `stem(N)` too, so companions (`stem(N).json`) pair with it.
+    `on_claim(temp)`: called with the whole, fsynced temp file just before it is given
+    its name (claims.py notes it there)."""
     if not stem or Path(stem).name != stem or stem.startswith(".") or "\\" in stem:
         raise JobFailure("OutputWriteFailed", f"could not write {stem!r}: not a file name")
     folder = Path(folder).absolute()
     return with_retries(
         folder / f"{stem}{suffix}",
-        lambda: _publish_once(folder, stem, suffix, write, reserve),
+        lambda: _publish_once(folder, stem, suffix, write, reserve, on_claim),
         policy,
     )
 
 
 def _publish_once(
-    folder: Path, stem: str, suffix: str, write: Callable[[Path], None], reserve: Sequence[str]
+    folder: Path,
+    stem: str,
+    suffix: str,
+    write: Callable[[Path], None],
+    reserve: Sequence[str],
+    on_claim: Callable[[Path], None] | None = None,
 ) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     temp = folder / f".{stem}.{secrets.token_hex(4)}.tmp{suffix}"
@@ -134,6 +142,8 @@ def _publish_once(
         write(temp)
         with open(temp, "rb") as handle:  # the data is on disk before the name appears
             os.fsync(handle.fileno())
+        if on_claim is not None:
+            on_claim(temp)
         return _claim(temp, folder, stem, suffix, reserve)
     finally:
         temp.unlink(missing_ok=True)

@@ -22,6 +22,7 @@ PNG next to the file is. The document lists them by suffix (`"file_suffix":
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -128,9 +129,11 @@ def write_video(
     ctx: MediaPersistenceContext,
     metadata_state: MetadataState,
     audio: Path | str | None = None,
+    on_claim: Callable[[Path], None] | None = None,
 ) -> list[Path]:
     """Encode `frames` ((F, H, W, 3) uint8 RGB) to `folder/stem.<container>` (or the
     first free `stem(N)`), with `audio`'s sound when given; returns [video, companions...].
+    `on_claim`: see atomic.publish; called for the video and each companion.
 
     An audio source that cannot be read or has no audio track does not cost the frames:
     the video is written silent, a warning logged and the reason put in the document."""
@@ -145,9 +148,9 @@ def write_video(
 
     path = publish(
         Path(folder), stem, f".{ctx.container}", encode, ctx.retry_policy,
-        reserve=_companion_suffixes(state, ctx),
+        reserve=_companion_suffixes(state, ctx), on_claim=on_claim,
     )  # fmt: skip
-    return [path, *write_metadata_bundle(path, ctx, state)]
+    return [path, *write_metadata_bundle(path, ctx, state, on_claim=on_claim)]
 
 
 def _with_audio_plan(
@@ -335,7 +338,10 @@ def _companion_suffixes(state: MetadataState, ctx: MediaPersistenceContext) -> l
 
 
 def write_metadata_bundle(
-    output: Path, ctx: MediaPersistenceContext, metadata_state: MetadataState
+    output: Path,
+    ctx: MediaPersistenceContext,
+    metadata_state: MetadataState,
+    on_claim: Callable[[Path], None] | None = None,
 ) -> list[Path]:
     """Write the companions of an already written `output`: the sidecar `<stem>.json`
     (mode "json") and the source images listed in the document. Also for outputs made by
@@ -358,11 +364,20 @@ def write_metadata_bundle(
         suffix = entry["file_suffix"]
         name_stem = stem + suffix.removesuffix(".png")
         written.append(
-            publish(folder, name_stem, ".png", lambda t, p=picture: p.save(t, "PNG"), policy)
+            publish(
+                folder,
+                name_stem,
+                ".png",
+                lambda t, p=picture: p.save(t, "PNG"),
+                policy,
+                on_claim=on_claim,
+            )
         )
     if state.mode == "json":
         data = (state.text() + "\n").encode("utf-8")
-        sidecar = publish(folder, stem, ".json", lambda t: t.write_bytes(data), policy)
+        sidecar = publish(
+            folder, stem, ".json", lambda t: t.write_bytes(data), policy, on_claim=on_claim
+        )
         if sidecar.name != f"{stem}.json":
             log.warning("%s.json was taken; the metadata of %s is in %s", stem, output, sidecar)
         written.append(sidecar)

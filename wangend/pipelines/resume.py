@@ -50,6 +50,7 @@ import msgspec
 import torch
 
 from ..media.atomic import fsync_dir
+from ..media.claims import ClaimLog
 
 __all__ = [
     "FORMAT",
@@ -64,7 +65,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMAT = "wangend-resume/1"
-_FILE = re.compile(r"(\d+)\.(?:safetensors|outputs\.json)")
+_FILE = re.compile(r"(\d+)\.(?:safetensors|outputs\.json|claims\.json)")
 _SCALARS = (bool, int, float, str, type(None))
 
 
@@ -160,6 +161,8 @@ class ResumeStore:
     def __init__(self, folder: Path, every: float = 60.0) -> None:
         self.folder = Path(folder)
         self.every = every
+        # Output files a run began to name and has not noted yet (media/claims.py).
+        self.claims = ClaimLog(self.folder)
 
     def path(self, job_id: int) -> Path:
         return self.folder / f"{job_id}.safetensors"
@@ -264,8 +267,10 @@ class ResumeStore:
             fsync_dir(self.folder)
         except OSError as exc:
             log.warning("job %d: outputs not noted: %s", job_id, exc.strerror or exc)
+            return  # the claims stay: the next attempt takes the files back
         finally:
             temp.unlink(missing_ok=True)
+        self.claims.drop(job_id)
 
     def recorded_outputs(self, job_id: int) -> list[str] | None:
         """The outputs an earlier attempt wrote, if all of them are still there."""
@@ -280,15 +285,15 @@ class ResumeStore:
         return paths
 
     def discard(self, job_id: int) -> None:
-        """Forget everything about the job: its point and its noted outputs."""
-        for path in (self.path(job_id), self.outputs_path(job_id)):
+        """Forget everything about the job: its point, noted outputs and claims."""
+        for path in (self.path(job_id), self.outputs_path(job_id), self.claims.path(job_id)):
             try:
                 path.unlink(missing_ok=True)
             except OSError as exc:
                 log.warning("job %d: %s not removed: %s", job_id, path, exc.strerror or exc)
 
     def jobs(self) -> list[int]:
-        """Ids of the jobs that have a point or noted outputs."""
+        """Ids of the jobs that have a point, noted outputs or claims."""
         try:
             names = os.listdir(self.folder)
         except OSError:

@@ -141,6 +141,8 @@ class GenerationRuntime:
         if written is not None:  # killed after writing them, before the queue knew
             log.info("job %d: its outputs were written before the stop; keeping them", job_id)
             return written
+        if self.resume is not None:  # killed while naming them: those files go first
+            self.resume.claims.undo(job_id)
         hooks.progress(0, job.steps, "loading")
         try:
             record = self.production.registry.resolve(job.model)
@@ -192,9 +194,14 @@ class GenerationRuntime:
             state = state.with_fields(notes=list(report.notes))
         stem = render_output_name(job.output_name, job_id=job_id, job=job)
         try:
+            on_claim = None
+            if self.resume is not None:
+                claims = self.resume.claims
+                on_claim = lambda temp: claims.note(job_id, temp)  # noqa: E731
             paths = write_video(
-                frames, self.output_dir, stem, job.fps, self.media, state, audio=job.audio
-            )
+                frames, self.output_dir, stem, job.fps, self.media, state, audio=job.audio,
+                on_claim=on_claim,
+            )  # fmt: skip
         except BaseException:
             if resume is not None:
                 resume.discard()
@@ -363,4 +370,3 @@ def _check_inputs_still_there(job: ResolvedGenerate) -> None:
     for name, path in paths:
         if not Path(path).is_file():
             raise JobFailure("InvalidInput", f"{name} {path} is gone since the job was queued")
-
