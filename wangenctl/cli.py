@@ -9,6 +9,11 @@ boundary where the client's errors become a line on stderr (with --json, also an
     1    the followed job failed or was aborted, or the daemon answered with an error
     2    no daemon reachable, its token refused, or a usage error
     130  interrupted (Ctrl-C)
+    141  stdout was closed early (`wangenctl list | head -1`): nothing more is printed
+
+A closed stdout ends a command quietly wherever it is noticed (`_Commands.invoke`), with
+the status a shell tool killed by SIGPIPE reports, so a pipeline reads as it would with
+`ls` or `cat` and no traceback lands on the terminal.
 
 The daemon is found at --url / $WANGEN_URL, else the default Unix socket when it exists,
 else tcp://127.0.0.1:7870 (with the token from --token-file / $WANGEN_TOKEN_FILE / the
@@ -18,7 +23,9 @@ state dir). This module imports only typer and wangend.protocol at load time, so
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
@@ -31,14 +38,19 @@ from wangend.protocol import JOB_STATES, TERMINAL_STATES, Event
 from .render import TERMINAL_EVENTS, JsonRenderer, Renderer, error_report, make_renderer
 
 if TYPE_CHECKING:
-    from .client import Client
+    from pathlib import Path
+
+    from .client import Client, RpcError
 
 __all__ = ["app", "main"]
 
 EXIT_CODES = (
     "Exit codes: 0 ok; 1 the followed job failed or was aborted, or the daemon answered "
-    "with an error; 2 no daemon reachable, token refused, or usage error; 130 interrupted."
+    "with an error; 2 no daemon reachable, token refused, or usage error; 130 interrupted; "
+    "141 stdout closed early (a pipe into `head`)."
 )
+# 128 + SIGPIPE (13): what a shell reports for a tool killed by writing to a closed pipe.
+EXIT_BROKEN_PIPE = 141
 
 
 class _Commands(typer.core.TyperGroup):
@@ -58,6 +70,37 @@ class _Commands(typer.core.TyperGroup):
                 report = error_report(exc, exc.exit_code)
                 JsonRenderer().emit({"error": report})
             raise
+        except BaseException as exc:
+            # Caught here, not left to click: click would exit 1 for a bare one, and one
+            # raised inside the client's task group arrives wrapped in an exception group.
+            if _is_broken_pipe(exc):
+                _stdout_gone()
+            raise
+
+
+def _is_broken_pipe(exc: BaseException) -> bool:
+    """True for a BrokenPipeError, or an exception group (at any depth) holding nothing
+    else: the reader of our output went away, and that is all that went wrong. A group
+    that also holds another failure is left alone, so that failure is still reported."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_broken_pipe(inner) for inner in exc.exceptions)
+    return isinstance(exc, BrokenPipeError)
+
+
+def _stdout_gone() -> NoReturn:
+    """End quietly because stdout was closed: no traceback, nothing on stderr, 141.
+
+    Python's recipe for SIGPIPE (the `signal` module's notes): point stdout at /dev/null
+    first, so what is still buffered for it is flushed there when the interpreter exits
+    instead of raising BrokenPipeError a second time.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a file (captured in tests)
+        pass
+    raise typer.Exit(EXIT_BROKEN_PIPE) from None
 
 
 class _Command(typer.core.TyperCommand):
@@ -279,6 +322,19 @@ async def _follow(
     return 0 if ending[0].type == "job.succeeded" else 1
 
 
+async def _say_if_held(client: Client, out: Renderer, job: int, state: str) -> None:
+    """Before following a job that is waiting: say so when only `resume` can start it.
+
+    A paused queue (the pause survives restarts) starts nothing, so following a queued
+    job there would wait in silence for as long as nobody resumes; a held running job
+    (`paused`) waits the same way. Said once, on stderr, before the progress view opens.
+    """
+    if state not in ("queued", "paused"):
+        return
+    if (await client.status()).paused:
+        out.notice(f"the queue is paused: job {job} waits until `wangenctl resume`")
+
+
 async def _enqueue_and_follow(
     client: Client,
     out: Renderer,
@@ -295,6 +351,7 @@ async def _enqueue_and_follow(
     subscribed = await client.subscribe()
     result = await enqueue()
     out.following(result)
+    await _say_if_held(client, out, result.job, result.state)
     return await _follow(
         client,
         out,
@@ -416,6 +473,7 @@ def watch(
             if record.state in TERMINAL_STATES:
                 out.finished(record)
                 return 0 if record.state == "succeeded" else 1
+            await _say_if_held(c, out, job, record.state)
             return await _follow(
                 c, out, opts, job, subscribed.last_seq, abort_on_interrupt=False, seed=record
             )
@@ -553,13 +611,19 @@ def import_queue(
         typer.Option(help="where attached media go (default ~/.local/share/wangend/imports/NAME)"),
     ] = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="print the mapping; extract and enqueue nothing")
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="print the mapping and what the daemon would refuse; queue nothing, keep no files",
+        ),
     ] = False,
 ) -> None:
     """Queue the tasks of a saved Wan2GP queue; report per task what was queued or why not.
 
-    Exit 1 when the daemon refused any task (the others are still queued).
+    Exit 1 when the daemon refused any task (the others are still queued), or with
+    --dry-run would refuse one.
     """
+    from contextlib import ExitStack
     from pathlib import Path
 
     import msgspec
@@ -583,29 +647,63 @@ def import_queue(
             else:
                 typer.echo(importer.describe(task))
 
-    if dry_run:
-        report()
-        return
-    try:
-        importer.extract_media(queue, attachments)
-    except OSError as exc:
-        problem = importer.QueueImportError(f"cannot extract media to {folder}: {exc}")
-        _fail(make_renderer(opts.json), problem, 2)
+    with ExitStack() as staged:
+        # What is sent: the tasks themselves, or for a dry run with attachments, copies
+        # whose files are in a scratch folder that is gone when the command ends.
+        sent, scratch = tasks, None
+        try:
+            if dry_run and attachments:
+                scratch = staged.enter_context(importer.staging_dir(folder))
+                sent, attachments = importer.map_tasks(queue, mapping, scratch)
+            importer.extract_media(queue, attachments)
+        except OSError as exc:
+            problem = importer.QueueImportError(f"cannot extract media to {folder}: {exc}")
+            _fail(make_renderer(opts.json), problem, 2)
 
-    async def work(c: Client, out: Renderer) -> int:
-        from .client import RpcError
+        async def work(c: Client, out: Renderer) -> int:
+            from wangend.protocol import JobError
 
-        for task in tasks:
-            if task.spec is None:
-                continue
-            try:
-                task.job = (await c.enqueue(task.spec)).job
-            except RpcError as exc:
-                task.error = str(exc)
-        report()
-        return 1 if any(t.error for t in tasks) else 0
+            from .client import RpcError
 
-    _run(ctx, work)
+            refusals: list[RpcError] = []
+            for task, copy in zip(tasks, sent, strict=True):
+                if copy.spec is None:
+                    continue
+                try:
+                    if dry_run:
+                        await c.validate(copy.spec)
+                    else:
+                        task.job = (await c.enqueue(copy.spec)).job
+                except RpcError as exc:
+                    refusal = exc if scratch is None else _unstaged(exc, scratch, folder)
+                    task.error = JobError(type="RpcError", message=str(refusal))
+                    refusals.append(refusal)
+            report()
+            if not refusals:
+                return 0
+            mapped = sum(1 for t in tasks if t.spec is not None)
+            text = f"the daemon {'would refuse' if dry_run else 'refused'} "
+            text += f"{len(refusals)} of {mapped} tasks"
+            if not dry_run and len(refusals) < mapped:
+                text += "; the others are queued"
+            out.error(text, error_report(refusals[0], 1))
+            return 1
+
+        _run(ctx, work)
+
+
+def _unstaged(exc: RpcError, scratch: Path, folder: Path) -> RpcError:
+    """A dry run's refusal as the real import would word it: the scratch folder's paths
+    (in the message and the data alike) named where the import puts the files."""
+    import msgspec
+
+    from .client import RpcError
+
+    # Replaced in the JSON text, so a path is matched however `data` nests or quotes it.
+    old, new = (msgspec.json.encode(str(p.absolute()))[1:-1] for p in (scratch, folder))
+    text = msgspec.json.encode([exc.message, exc.data]).replace(old, new)
+    message, data = msgspec.json.decode(text)
+    return RpcError(exc.code, message, data)
 
 
 def main() -> None:

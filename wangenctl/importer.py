@@ -19,21 +19,26 @@ What Wan2GP writes (its "Save Queue" button and its `--process` input):
 
 Each task maps onto one GenerateSpec (or `repeat_generation` of them); what cannot be
 mapped is skipped with the reason, and what is ignored is noted. Attached media are
-extracted to a folder the daemon can read before anything is enqueued.
+extracted to a folder the daemon can read before anything is enqueued. A dry run asks the
+daemon to validate each spec instead, with the attachments in a scratch folder inside
+that same folder (`staging_dir`), so it refuses exactly what the import would.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import msgspec
 
-from wangend.protocol import GenerateSpec
+from wangend.protocol import GenerateSpec, JobError
 
 __all__ = [
     "MODEL_MAP",
@@ -46,6 +51,7 @@ __all__ = [
     "map_tasks",
     "parse_model_map",
     "read_queue",
+    "staging_dir",
 ]
 
 # Wan2GP model_type -> wangend registry name.
@@ -101,7 +107,8 @@ class ImportTask(msgspec.Struct, kw_only=True):
     skipped: str | None = None  # why nothing was enqueued
     notes: list[str] = msgspec.field(default_factory=list)
     job: int | None = None  # the daemon's job id once queued
-    error: str | None = None  # the daemon refused the spec
+    # The daemon refused the spec: `{type, message}`, the shape of a job record's error.
+    error: JobError | None = None
 
 
 class QueueFile(msgspec.Struct, kw_only=True):
@@ -355,6 +362,35 @@ def extract_media(queue: QueueFile, extract: Mapping[Path, str]) -> None:
             os.replace(tmp, target)
 
 
+@contextmanager
+def staging_dir(media_dir: Path) -> Iterator[Path]:
+    """A scratch folder inside `media_dir` for a dry run's attachments; it is removed
+    afterwards, with every folder made for it, so the dry run leaves nothing behind.
+
+    Inside `media_dir`, not the system's temp folder: the daemon then reads the files
+    under the same `input_folders` rule and folder permissions as after the real import,
+    so its validation refuses what the import would and nothing else. Made with `mkdir`
+    (the umask's mode, as the import makes its folders), not mkdtemp's private 0700.
+    """
+    made = []
+    for folder in (media_dir, *media_dir.parents):
+        if folder.exists():
+            break
+        made.append(folder)  # deepest first: the order to remove them in
+    media_dir.mkdir(parents=True, exist_ok=True)
+    scratch = media_dir / f".dry-run-{os.getpid()}-{secrets.token_hex(4)}"
+    scratch.mkdir()
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:  # something else was put there meanwhile: keep it
+                break
+
+
 def _repeats(item: ImportTask, spec: dict[str, Any], p: Mapping[str, Any]) -> list[ImportTask]:
     """`repeat_generation` N: N jobs; a fixed seed counts up so each video differs."""
     count = int(min(max(_number(p.get("repeat_generation")), 1), MAX_REPEATS))
@@ -385,7 +421,7 @@ def describe(task: ImportTask) -> str:
     if inputs:
         what += ", with " + ", ".join(inputs)
     if task.error:
-        status = f"refused by the daemon: {task.error}"
+        status = f"refused by the daemon: {task.error.message}"
     elif task.job is not None:
         status = f"queued as job {task.job}"
     else:

@@ -28,9 +28,11 @@ rich is imported only when something is drawn: `wangenctl --json ...` never load
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 import time
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -244,8 +246,10 @@ class JsonRenderer:
         print(text, file=sys.stderr, flush=True)
 
     def error(self, text: str, report: ErrorReport) -> None:
-        self.emit(_ErrorLine(report))
+        # The person's line first: when stdout is already closed, writing the object
+        # ends the command (cli.py), and the reason must not go down with it.
         print(f"error: {text}", file=sys.stderr, flush=True)
+        self.emit(_ErrorLine(report))
 
     def events(self, job: int | None) -> EventView:
         return _JsonEvents(self)
@@ -286,6 +290,30 @@ class _JsonEvents:
 # --- people --------------------------------------------------------------------------------
 
 
+@cache
+def _console_class() -> type[Console]:
+    from rich.console import Console
+
+    class PipeConsole(Console):
+        """A Console that lets a closed pipe surface as BrokenPipeError.
+
+        rich's own answer (its documented `on_broken_pipe` hook) is `SystemExit(1)`, which
+        no `except Exception` stops: inside the client's task group it came out as an
+        exception group with a traceback. As a BrokenPipeError it reaches cli.py, which
+        ends every command the same quiet way whoever wrote to the pipe.
+        """
+
+        def on_broken_pipe(self) -> None:
+            self.quiet = True  # whatever is still printed on the way out goes nowhere
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+    return PipeConsole
+
+
+def _console(**options: Any) -> Console:
+    return _console_class()(**options)
+
+
 class HumanRenderer:
     """rich tables on stdout; notices, errors and progress on stderr."""
 
@@ -294,20 +322,16 @@ class HumanRenderer:
 
     @cached_property
     def out(self) -> Console:
-        from rich.console import Console
-
-        console = Console(highlight=False)
+        console = _console(highlight=False)
         if not console.is_terminal:
             # Piped into a file or `less`: rows whole, not folded at a guessed 80 columns.
-            console = Console(highlight=False, width=1000)
+            console = _console(highlight=False, width=1000)
         return console
 
     @cached_property
     def err(self) -> Console:
-        from rich.console import Console
-
         # soft_wrap: an error or notice is one line however narrow the terminal.
-        return Console(stderr=True, highlight=False, soft_wrap=True)
+        return _console(stderr=True, highlight=False, soft_wrap=True)
 
     def line(self, text: str) -> None:
         """One line of data on stdout, never wrapped (paths must survive copy and paste)."""
@@ -364,7 +388,7 @@ class HumanRenderer:
             rows.append(("progress", f"{progress.phase} {progress.step}/{progress.steps}{eta}"))
         if record.resume_step is not None:
             steps = record.spec.steps if isinstance(record.spec, ResolvedGenerate) else "?"
-            rows.append(("resumes", f"at step {record.resume_step}/{steps} (its resume point)"))
+            rows.append(("resumes", f"after step {record.resume_step}/{steps} (its resume point)"))
         if record.retry_of is not None:
             rows.append(("retry of", str(record.retry_of)))
         rows += [
@@ -392,7 +416,7 @@ class HumanRenderer:
                 f"{p.phase} {p.step}/{p.steps}" if p and r.state in ("running", "paused") else "-"
             )
             if r.resume_step is not None:
-                progress = f"resumes at {r.resume_step}"
+                progress = f"resumes after {r.resume_step}"
             result = ", ".join(r.outputs) or (r.error.message if r.error else "")
             table.add_row(
                 str(r.id),

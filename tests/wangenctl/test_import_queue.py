@@ -78,8 +78,24 @@ def queue_zip(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def refused_zip(tmp_path: Path) -> Path:
+    """Two tasks the daemon takes and one it refuses: 65 is not a width the tiny model has."""
+    bad = {"id": 6, "params": {"model_type": "t2v", "prompt": "too wide", "resolution": "65x48"}}
+    path = tmp_path / "refused.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("queue.json", json.dumps([*wan2gp_tasks()[:2], bad]))
+        zf.writestr("task2_image_start_0.png", png_bytes())
+    return path
+
+
 def invoke(*args: str) -> Any:
     return CliRunner().invoke(app, list(args))
+
+
+def queued_jobs(daemon: DaemonProcess) -> list[int]:
+    with daemon.unix() as client:
+        return [r["id"] for r in client.result("jobs", {"state": ["queued"]})["jobs"]]
 
 
 def test_import_into_a_real_daemon(daemon: DaemonProcess, queue_zip: Path, tmp_path: Path) -> None:
@@ -119,19 +135,96 @@ def test_import_into_a_real_daemon(daemon: DaemonProcess, queue_zip: Path, tmp_p
     assert sorted(p.name for p in media.iterdir()) == ["task2_image_start_0.png"]
 
 
-def test_dry_run_prints_the_mapping_and_touches_nothing(queue_zip: Path, tmp_path: Path) -> None:
-    media = tmp_path / "media"
-    url = f"unix://{tmp_path}/nobody.sock"  # no daemon: a dry run must not need one
+def test_dry_run_prints_the_mapping_and_touches_nothing(
+    daemon: DaemonProcess, queue_zip: Path, tmp_path: Path
+) -> None:
+    media = tmp_path / "imports" / "queue"
+    before = queued_jobs(daemon)
     result = invoke(
-        "--url", url, "import-queue", str(queue_zip), "--dry-run", *TINY_MAP,
+        "--url", daemon.unix_url, "import-queue", str(queue_zip), "--dry-run", *TINY_MAP,
         "--media-dir", str(media),
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "task 1 (Wan2GP id 1): would queue (tiny, 64x48)" in out
+    # The daemon checked the start image too, though nothing is left extracted.
     assert "task 2 (Wan2GP id 2): would queue (tiny-i2v, 64x64, with image)" in out
     assert "task 3 (Wan2GP id 3): skipped: unknown model type 'hunyuan'" in out
-    assert not media.exists()
+    assert not (tmp_path / "imports").exists()
+    assert queued_jobs(daemon) == before
+
+
+def test_dry_run_says_what_the_daemon_would_refuse(
+    daemon: DaemonProcess, refused_zip: Path, tmp_path: Path
+) -> None:
+    """As the import itself would: the same line, exit 1, and nothing queued."""
+    before = queued_jobs(daemon)
+    result = invoke(
+        "--url", daemon.unix_url, "import-queue", str(refused_zip), "--dry-run", *TINY_MAP,
+        "--media-dir", str(tmp_path / "media"),
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("task 1 (Wan2GP id 1): would queue (tiny, 64x48)")
+    assert lines[2].startswith("task 2 (Wan2GP id 2): would queue (tiny-i2v, 64x64, with image)")
+    assert lines[3] == (
+        "task 3 (Wan2GP id 6): refused by the daemon: "
+        "width 65 is not a multiple of 16 for tiny; try 64 or 80 (tiny, 65x48)"
+    )
+    assert result.stderr == "error: the daemon would refuse 1 of 4 tasks\n"
+    assert queued_jobs(daemon) == before
+    assert not (tmp_path / "media").exists()
+
+    json_run = invoke(
+        "--url", daemon.unix_url, "--json", "import-queue", str(refused_zip), "--dry-run",
+        *TINY_MAP, "--media-dir", str(tmp_path / "media"),
+    )  # fmt: skip
+    assert json_run.exit_code == 1
+    *tasks, last = [json.loads(line) for line in json_run.stdout.splitlines()]
+    assert [t["job"] for t in tasks] == [None] * 4
+    assert [t["error"] for t in tasks][:3] == [None] * 3
+    assert tasks[3]["error"]["type"] == "RpcError"
+    assert last["error"]["code"] == -32602 and last["error"]["exit"] == 1
+
+
+def test_json_import_of_a_refused_task_ends_with_the_error_object(
+    daemon: DaemonProcess, refused_zip: Path, tmp_path: Path
+) -> None:
+    """Each refusal is `{type, message}` like a job record's error; the last line says why
+    the command failed, as with every other --json failure; the other tasks are queued."""
+    with daemon.unix() as client:
+        client.result("pause", {"mode": "now"})
+        try:
+            result = invoke(
+                "--url", daemon.unix_url, "--json", "import-queue", str(refused_zip),
+                *TINY_MAP, "--media-dir", str(tmp_path / "media"),
+            )  # fmt: skip
+            queued = queued_jobs(daemon)
+        finally:
+            client.result("clear")
+            client.result("resume")
+    assert result.exit_code == 1, result.output
+    *tasks, last = [json.loads(line) for line in result.stdout.splitlines()]
+    refused = tasks[3]
+    assert refused["job"] is None
+    assert refused["error"] == {
+        "type": "RpcError",
+        "message": "width 65 is not a multiple of 16 for tiny; try 64 or 80",
+    }
+    assert [t["job"] for t in tasks[:3]] == queued[-3:]
+    assert last == {
+        "error": {
+            "type": "RpcError",
+            "message": "width 65 is not a multiple of 16 for tiny; try 64 or 80",
+            "code": -32602,
+            "data": {
+                "field": "$.params.width",
+                "message": "width 65 is not a multiple of 16 for tiny; try 64 or 80",
+            },
+            "exit": 1,
+        }
+    }
+    assert result.stderr == "error: the daemon refused 1 of 4 tasks; the others are queued\n"
 
 
 def test_a_bare_queue_json_keeps_paths_beside_it(tmp_path: Path) -> None:

@@ -198,7 +198,7 @@ def test_a_queued_job_with_a_resume_point_says_where_it_goes_on(
     out = HumanRenderer()
     queued = msgspec.structs.replace(record("queued"), resume_step=63)
     [line] = [line for line in stdout_of(capsys, out.job, queued) if "resumes" in line]
-    assert line.split() == ["resumes", "at", "step", "63/300", "(its", "resume", "point)"]
+    assert line.split() == ["resumes", "after", "step", "63/300", "(its", "resume", "point)"]
     [row] = [line for line in stdout_of(capsys, out.jobs, [queued]) if line.startswith("7")]
-    assert "resumes at 63" in row
+    assert "resumes after 63" in row
     assert not [line for line in stdout_of(capsys, out.job, record("queued")) if "resumes" in line]
