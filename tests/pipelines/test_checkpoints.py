@@ -272,3 +272,23 @@ def test_a_file_damaged_after_queueing_fails_the_job_naming_it(
         production.ensure(record, "float32", RecordingHooks())
     assert caught.value.kind == "ModelUnavailable"
     assert str(path) in caught.value.message and "cut short" in caught.value.message
+
+
+def test_a_local_base_needs_no_transformer_weights_of_its_own(
+    family_models, files, tmp_path
+) -> None:
+    """A diffusers folder kept without its 28 GB transformer weights (configs, text
+    encoder, VAE) serves as the base of a file model, though not as a model itself."""
+    import shutil
+
+    base = tmp_path / "wan-parts"
+    shutil.copytree(family_models / "tiny", base)
+    (base / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    registry = registry_with(
+        family_models, mine=ModelFiles(base=str(base), transformer=str(files["comfy"]))
+    )
+    record = registry.resolve("mine")
+    assert registry.available(record) and record.source == str(base)
+    assert "missing transformer" in refusal(registry, str(base))
+    expected = run(registry, "tiny", tmp_path)
+    assert np.array_equal(run(registry, "mine", tmp_path), expected)

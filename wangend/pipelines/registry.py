@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 import msgspec
@@ -102,8 +102,10 @@ class ModelRegistry:
     def builtins(self) -> list[ModelRecord]:
         return list(self._builtins.values())
 
-    def resolve(self, name: str) -> ModelRecord:
-        """The record for `name`; ModelUnavailable says what was tried when none fits."""
+    def resolve(self, name: str, replaced: Collection[str] = ()) -> ModelRecord:
+        """The record for `name`; ModelUnavailable says what was tried when none fits.
+        `replaced`: components whose weights a [models.NAME] model brings as files, so a
+        local folder needs only their config.json."""
         name = name.strip()
         if name in self._builtins:
             return self._builtins[name]
@@ -114,16 +116,16 @@ class ModelRegistry:
                 return record
         path = written_path(name)
         if path is not None:
-            return self._local(path, name=str(path))
+            return self._local(path, name=str(path), replaced=replaced)
         if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             folder = self.models_dir / name
             if is_model_folder(folder):
-                return self._local(folder, name=name)
+                return self._local(folder, name=name, replaced=replaced)
         if "/" in name and Path(name).is_dir():
             # A folder relative to the working directory wins over a hub id of the same
             # spelling, as in diffusers' own from_pretrained.
             path = Path(os.path.abspath(name))
-            return self._local(path, name=str(path))
+            return self._local(path, name=str(path), replaced=replaced)
         if HUB_ID.match(name) and ".." not in name:
             return self._hub(name)
         raise ModelUnavailable(
@@ -147,14 +149,14 @@ class ModelRegistry:
             family=family, defaults=FAMILY_DEFAULTS[family], **facts,
         )  # fmt: skip
 
-    def _local(self, folder: Path, name: str) -> ModelRecord:
+    def _local(self, folder: Path, name: str, replaced: Collection[str] = ()) -> ModelRecord:
         folder = folder.absolute()
         if not folder.is_dir():
             raise ModelUnavailable(f"model folder {folder} does not exist", {"model": name})
         folder, problem = snapshot_folder(folder)
         if problem:
             raise ModelUnavailable(f"model folder {folder}: {problem}", {"model": name})
-        pipeline, missing = check_folder(folder)
+        pipeline, missing = check_folder(folder, replaced)
         if missing:
             raise ModelUnavailable(
                 f"model folder {folder} is incomplete: missing {', '.join(missing)}",
@@ -191,8 +193,9 @@ class ModelRegistry:
                 "built-in model, a diffusers folder or a hub id",
                 {"model": name},
             )
+        wanted = ("transformer", "transformer_2") if spec.transformer_2 else ("transformer",)
         try:
-            base = self.resolve(spec.base)
+            base = self.resolve(spec.base, replaced=wanted)
         except ModelUnavailable as exc:
             raise ModelUnavailable(f"model {name}: base {exc.message}", {"model": name}) from None
         parts = [("transformer", spec.transformer)]
@@ -233,7 +236,7 @@ class ModelRegistry:
             return True
         if record.kind == "hub":
             return hub_cached(record.source)
-        return not check_folder(Path(record.source))[1]
+        return not check_folder(Path(record.source), dict(record.files))[1]
 
     def accepting(self, field: str) -> list[str]:
         """Built-in model names that take `field` (for error messages)."""
@@ -251,6 +254,8 @@ class ModelRegistry:
         if self.models_dir.is_dir():
             for folder in sorted(self.models_dir.iterdir()):
                 if folder.name.startswith(".") or folder.name in self._builtins:
+                    continue
+                if folder.name in self._files:  # the [models.NAME] of that name wins
                     continue
                 if not is_model_folder(folder):
                     continue
