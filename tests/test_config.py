@@ -228,3 +228,21 @@ def test_model_files_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     path.write_text('[models.tiny]\nbase = "tiny"\ntransformer = "/w.safetensors"\n')
     checked = CliRunner().invoke(cli_app, ["config", "check", "--config", str(path)])
     assert checked.exit_code == 2 and "tiny is the name of a built-in model" in checked.output
+
+
+def test_config_check_says_which_model_files_cannot_be_used(tmp_path: Path) -> None:
+    """The daemon starts with a broken [models.NAME] (jobs naming it are refused), so
+    the check passes, but says which entry is broken and why."""
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'state_dir = "{tmp_path / "state"}"\n'
+        f'[models.gone]\nbase = "tiny"\ntransformer = "{tmp_path / "nope.safetensors"}"\n'
+    )
+    checked = CliRunner().invoke(cli_app, ["config", "check", "--config", str(path)])
+    assert checked.exit_code == 0, checked.output
+    assert "warning: models.gone: model gone: transformer file" in checked.stderr
+    assert "no such file" in checked.stderr
+    assert "1 of the [models] cannot be used now" in checked.stdout
+    path.write_text('[models.empty]\nbase = "tiny"\ntransformer = ""\n')
+    empty = CliRunner().invoke(cli_app, ["config", "check", "--config", str(path)])
+    assert empty.exit_code == 2 and "models.empty.transformer" in empty.output

@@ -431,6 +431,7 @@ class HumanRenderer:
 
     def models(self, models: list[ModelInfo]) -> None:
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(box=None, header_style="bold", pad_edge=False)
         for name in ("NAME", "FAMILY", "STATUS", "DESCRIPTION"):
@@ -439,7 +440,11 @@ class HumanRenderer:
             flags = ["loaded" if m.loaded else "available" if m.available else "not on disk"]
             if m.default:
                 flags.append("default")
-            table.add_row(m.name, m.family, ", ".join(flags), m.description or m.source)
+            about = m.description or m.source
+            if m.files:  # a file model: its files, whatever its description says
+                about += f" ({', '.join(f'{k}: {v}' for k, v in m.files.items())})"
+            # Plain text, not rich markup: "[models.*]" or a user's "[v2]" must show.
+            table.add_row(*(Text(cell) for cell in (m.name, m.family, ", ".join(flags), about)))
         self.out.print(table)
 
     def validated(self, result: ValidateResult) -> None:

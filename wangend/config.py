@@ -120,8 +120,10 @@ class ModelFiles(Section):
     model that supplies everything else: text encoder, tokenizer, VAE, scheduler, image
     encoder, the transformer's config and the family's rules. Jobs name it as NAME."""
 
-    base: str  # any model name a job could give: built-in, folder, path or hub id
-    transformer: str  # a .safetensors file, original Wan or diffusers layout
+    base: Annotated[str, Meta(min_length=1)]  # any model name a job could give
+    # a .safetensors file, original Wan or diffusers layout; a relative path is read from
+    # the daemon's working directory (`/` under systemd): prefer absolute or `~/...`
+    transformer: Annotated[str, Meta(min_length=1)]
     transformer_2: str = ""  # Wan 2.2 A14B: the low-noise expert's file
     description: str = ""
 

@@ -6,6 +6,7 @@ are refused when the job is queued, saying why."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -292,3 +293,86 @@ def test_a_local_base_needs_no_transformer_weights_of_its_own(
     assert "missing transformer" in refusal(registry, str(base))
     expected = run(registry, "tiny", tmp_path)
     assert np.array_equal(run(registry, "mine", tmp_path), expected)
+
+
+def test_a_file_rewritten_or_replaced_under_its_name_is_another_model(
+    family_models, files, tmp_path
+) -> None:
+    """The loaded weights are copies: rewriting the file in place changes nothing warm
+    (nor kills the daemon). Replacing it under the same name reads as another file, so
+    the next job loads it instead of running the old weights warm."""
+    from diffusers import WanTransformer3DModel
+
+    path = tmp_path / "wan.safetensors"
+    path.write_bytes(files["comfy"].read_bytes())
+    folder = family_models / "tiny" / "transformer"
+    model = load_transformer(WanTransformer3DModel, path, folder, torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path.write_bytes(files["comfy"].read_bytes()[:4096])  # rewritten in place, cut short
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    path.unlink()
+    path.write_bytes(files["comfy"].read_bytes())
+    registry = registry_with(family_models, mine=ModelFiles(base="tiny", transformer=str(path)))
+    production = ProductionManager(registry, device="cpu", allow_download=False)
+    first = production.ensure(registry.resolve("mine"), "float32", RecordingHooks())
+    replacement = tmp_path / "new.safetensors"
+    replacement.write_bytes(files["bf16"].read_bytes())
+    os.replace(replacement, path)
+    second = production.ensure(registry.resolve("mine"), "float32", RecordingHooks())
+    assert second is not first
+    weights = second.transformer.state_dict()["patch_embedding.weight"]
+    assert weights.dtype == torch.float32 and torch.equal(
+        weights, weights.to(torch.bfloat16).float()
+    )
+    production.release()
+
+
+def test_a_queued_job_runs_the_files_it_was_queued_with(family_models, files, tmp_path) -> None:
+    """The config changed between enqueue and run: the job still runs its recorded file
+    (the same job makes the same frames); a changed base fails it, saying so."""
+    from wangend.media.writers import read_video_metadata
+
+    spec = GenerateSpec(
+        prompt="a fox", model="mine", seed=3, steps=2, frames=5, width=32, height=32
+    )
+    queued_with = registry_with(
+        family_models, mine=ModelFiles(base="tiny", transformer=str(files["comfy"]))
+    )
+    job = TaskInputManager(queued_with, "tiny").resolve(spec)
+    now = registry_with(family_models, mine=ModelFiles(base="tiny", transformer=str(files["bf16"])))
+    fresh = TaskInputManager(now, "tiny").resolve(spec)  # queued now: the new file
+    hashes = []
+    for registry, queued in ((queued_with, job), (now, job), (now, fresh)):
+        production = ProductionManager(registry, device="cpu", allow_download=False)
+        runtime = GenerationRuntime(production, tmp_path / "out")
+        [output] = runtime.run(1, queued, JobControl(), RecordingHooks())
+        hashes.append(read_video_metadata(Path(output))["frames_sha256"])
+        production.release()
+    assert hashes[0] == hashes[1] != hashes[2]
+
+    rebased = registry_with(
+        family_models, mine=ModelFiles(base="tiny-vace", transformer=str(files["vace"]))
+    )
+    runtime = GenerationRuntime(ProductionManager(rebased, device="cpu"), tmp_path / "out")
+    with pytest.raises(JobFailure) as caught:
+        runtime.run(2, job, JobControl(), RecordingHooks())
+    assert "now has base" in caught.value.message and "queue the job again" in caught.value.message
+
+
+def test_odd_headers_and_unreadable_paths_are_refusals_not_crashes(family_models, tmp_path) -> None:
+    entry = {"dtype": "F32", "shape": ["a", 1, 1, 2, 2], "data_offsets": [0, 0]}
+    header = json.dumps({"patch_embedding.weight": entry}).encode()
+    odd = tmp_path / "odd.safetensors"
+    odd.write_bytes(len(header).to_bytes(8, "little") + header)
+    long_name = tmp_path / ("x" * 300 + ".safetensors")
+    registry = registry_with(
+        family_models,
+        odd=ModelFiles(base="tiny", transformer=str(odd)),
+        long=ModelFiles(base="tiny", transformer=str(long_name)),
+    )
+    assert "its header does not describe tensors" in refusal(registry, "odd")
+    assert "unreadable (File name too long)" in refusal(registry, "long")
+    listed = {m.name: m for m in registry.list()}
+    assert not listed["odd"].available and not listed["long"].available

@@ -191,6 +191,8 @@ def test_a_file_model_on_a_hub_base_downloads_all_but_the_transformer(
     assert "transformer/config.json" in fetched and "vae/config.json" in fetched
     assert not any(p.startswith("transformer/") and ".safetensors" in p for p in fetched)
     assert any(p.startswith("text_encoder/") and ".safetensors" in p for p in fetched)
+    # The snapshot serves the file model; it is not the base model itself.
+    assert registry.available(record) and not registry.available(registry.resolve(REPO))
 
     job = TaskInputManager(registry, "tiny", "auto").resolve(
         GenerateSpec(prompt="a fox", model="mine", seed=7, steps=2, frames=5, width=32, height=32)

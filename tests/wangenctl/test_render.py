@@ -202,3 +202,24 @@ def test_a_queued_job_with_a_resume_point_says_where_it_goes_on(
     [row] = [line for line in stdout_of(capsys, out.jobs, [queued]) if line.startswith("7")]
     assert "resumes after 63" in row
     assert not [line for line in stdout_of(capsys, out.job, record("queued")) if "resumes" in line]
+
+
+def test_models_show_brackets_as_written_and_a_file_models_files(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from wangend.protocol import ModelInfo
+
+    models = [
+        ModelInfo(
+            name="wan14b-comfy", source="wan2.1-t2v-14b", family="wan2.1-t2v",
+            description="my [v2] merge", available=True,
+            files={"transformer": "/ckpts/wan14b.safetensors"},
+        ),
+        ModelInfo(
+            name="stacked", source="x", family="unknown",
+            description="model stacked: base mine is itself a [models.*] model",
+        ),
+    ]  # fmt: skip
+    text = " ".join(" ".join(stdout_of(capsys, HumanRenderer().models, models)).split())
+    assert "my [v2] merge (transformer: /ckpts/wan14b.safetensors)" in text
+    assert "is itself a [models.*] model" in text

@@ -113,10 +113,14 @@ class ModelRecord(Struct, frozen=True, kw_only=True):
     @property
     def load_source(self) -> str:
         """What identifies the weights a load reads: the source, and any files that
-        replace its parts. Equal load sources share a warm pipeline."""
+        replace its parts, each with its identity (a file replaced under the same name
+        is another file). Equal load sources share a warm pipeline."""
         if not self.files:
             return self.source
-        return " + ".join([self.source, *(f"{part}={path}" for part, path in self.files)])
+        from .checkpoints import file_identity
+
+        files = (f"{part}={path}@{file_identity(path)}" for part, path in self.files)
+        return " + ".join([self.source, *files])
 
 
 FAMILY_CAPABILITIES = {

@@ -15,7 +15,9 @@ as Wan2GP ships, ComfyUI's "fp8_scaled"), or one whose shape does not fit the ba
 expects. Plain fp8 files (e4m3fn, no scales) load, upcast to the job's dtype.
 
 `load_transformer` builds the model from the base's config with empty weights and
-assigns the file's tensors, cast the way diffusers' from_pretrained casts a folder's:
+assigns copies of the file's tensors (never the file's memory map: a model kept on the
+host must not change when the file is rewritten), cast the way diffusers'
+from_pretrained casts a folder's:
 the job's dtype, except the modules the class keeps in float32 (norms, the time
 embedder, the modulation tables). diffusers' `from_single_file` casts those too in
 bf16, and loads into float32 when given no dtype (56 GB for a 14B model), hence our own.
@@ -29,12 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .weights import PICKLED, read_header
+from .weights import PICKLED, cut_short, read_header
 
 __all__ = [
     "CheckpointProblem",
     "TransformerFile",
     "check_fits",
+    "file_identity",
     "inspect_transformer",
     "load_transformer",
 ]
@@ -76,26 +79,52 @@ class TransformerFile:
         return ", ".join(parts)
 
 
+def file_identity(path: str | Path) -> str:
+    """inode, size and modification time: a file replaced under the same name (renamed
+    over, or rewritten) reads as another file, so a warm model or a resume point made
+    from the old one is not taken for the new one's."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return "missing"
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def _refuse(path: Path, why: str) -> CheckpointProblem:
     return CheckpointProblem(f"transformer file {path}: {why}")
 
 
 def inspect_transformer(path: Path) -> TransformerFile:
     """The facts of a Wan transformer file, from its header; CheckpointProblem when it is
-    missing, not safetensors, quantized, or not a Wan transformer."""
+    missing, unreadable, cut short, not safetensors, quantized, or not a Wan
+    transformer."""
     suffix = path.suffix.lower()
     if suffix == ".gguf":
         raise _refuse(path, "GGUF files are not supported; use a bf16, fp16 or fp8 .safetensors")
     if suffix in PICKLED:
-        raise _refuse(path, "pickled weights run code when loaded; wangend loads .safetensors only")
-    if not path.is_file():
-        raise _refuse(path, "no such file" if not path.exists() else "not a file")
+        raise _refuse(
+            path,
+            "pickled weights run code when loaded; wangend loads .safetensors only (use the "
+            "model's .safetensors file, or convert this one)",
+        )
     try:
+        if not path.is_file():
+            raise _refuse(path, "no such file" if not path.exists() else "not a file")
         header, _start, size = read_header(path)
-    except OSError as exc:
+        short = cut_short(path)
+    except OSError as exc:  # a folder the daemon's user cannot enter, a name too long
         raise _refuse(path, f"unreadable ({exc.strerror or exc})") from None
     except ValueError as exc:
         raise _refuse(path, str(exc)) from None
+    if short:
+        raise _refuse(path, short)
+    try:
+        return _facts(path, header, size)
+    except (TypeError, ValueError, AttributeError) as exc:  # a header of the wrong shapes
+        raise _refuse(path, f"its header does not describe tensors ({exc})") from None
+
+
+def _facts(path: Path, header: dict, size: int) -> TransformerFile:
     metadata = header.get("__metadata__")
     entries = {
         k.removeprefix(PREFIX): v
@@ -221,9 +250,12 @@ def load_transformer(
     keep = cls._keep_in_fp32_modules or []
     for key in list(tensors):
         value = tensors.pop(key)
+        target = value.dtype
         if value.is_floating_point():
             kept = any(name in key.split(".") for name in keep)
-            value = value.to(torch.float32 if kept else dtype)
-        tensors[key] = value
+            target = torch.float32 if kept else dtype
+        # Always a copy: the tensors map the file, and a model kept on the host (offload
+        # profiles) must not change, or die of SIGBUS, when the file is rewritten.
+        tensors[key] = value.to(target, copy=True)
     model.load_state_dict(tensors, strict=True, assign=True)
     return model.eval()

@@ -193,14 +193,19 @@ def detect(index: dict, read: Callable[[str], dict | None]) -> dict:
     }
 
 
-def hub_cached(repo_id: str) -> bool:
-    """Cheap: the index and the transformer config are in the local HF cache."""
+def hub_cached(repo_id: str, weights_of: Collection[str] = ("transformer",)) -> bool:
+    """Cheap: the index, the transformer config and the weights (one file, or the shard
+    index) of each of `weights_of` are in the local HF cache. A snapshot whose
+    transformer weights were never fetched (a file model's base) is not the model."""
     from huggingface_hub import try_to_load_from_cache
 
+    def cached(name: str) -> bool:
+        return isinstance(try_to_load_from_cache(repo_id, name), str)
+
+    stem = "diffusion_pytorch_model.safetensors"
     try:
-        return all(
-            isinstance(try_to_load_from_cache(repo_id, name), str)
-            for name in ("model_index.json", "transformer/config.json")
+        return all(cached(n) for n in ("model_index.json", "transformer/config.json")) and all(
+            cached(f"{part}/{stem}") or cached(f"{part}/{stem}.index.json") for part in weights_of
         )
     except Exception:  # a malformed id or unreadable cache: simply not available
         return False

@@ -220,23 +220,28 @@ class ModelRegistry:
                     check_fits(found, config, base.name)
             except CheckpointProblem as exc:
                 raise ModelUnavailable(f"model {name}: {exc}", {"model": name}) from None
-        files = ", ".join(Path(path).name for _part, path in parts)
+        which = "transformer files" if len(parts) > 1 else "a transformer file"
         return msgspec.structs.replace(
             base,
             name=name,
-            description=spec.description or f"{files} on {base.name} ({base.family})",
+            description=spec.description or f"{which} on {base.name} ({base.family})",
             files=tuple(parts),
         )
 
     def available(self, record: ModelRecord) -> bool:
         """On disk, in the HF cache, or buildable offline (tiny)."""
-        if record.files and not all(Path(path).is_file() for _part, path in record.files):
+        replaced = dict(record.files)
+        try:
+            if not all(Path(path).is_file() for path in replaced.values()):
+                return False
+        except OSError:  # a folder the daemon's user cannot enter
             return False
         if record.tiny:
             return True
         if record.kind == "hub":
-            return hub_cached(record.source)
-        return not check_folder(Path(record.source), dict(record.files))[1]
+            experts = ("transformer", "transformer_2") if record.two_experts else ("transformer",)
+            return hub_cached(record.source, [p for p in experts if p not in replaced])
+        return not check_folder(Path(record.source), replaced)[1]
 
     def accepting(self, field: str) -> list[str]:
         """Built-in model names that take `field` (for error messages)."""

@@ -78,16 +78,19 @@ class ResumePoint:
     scheduler: dict[str, Any]
 
 
-def fingerprint(job: Any, options: Any, device: str, scheduler: Any) -> str:
+def fingerprint(job: Any, options: Any, device: str, scheduler: Any, weights: str = "") -> str:
     """What must be equal for a point to be resumed: the resolved job (prompt, seed,
     sizes, steps, LoRAs, dtype...), the engine options, the device, the scheduler, and
     the diffusers and torch versions (an upgrade may change a solver's state or a
-    kernel, and the promise is the uninterrupted run's frames)."""
+    kernel, and the promise is the uninterrupted run's frames). `weights`: the identity
+    of single weight files (a file replaced under its name must not resume a point)."""
     import diffusers
 
     digest = hashlib.sha256(FORMAT.encode())
     for part in (msgspec.json.encode(job), msgspec.json.encode(options)):
         digest.update(part)
+    if weights:
+        digest.update(f"|{weights}".encode())
     kind = f"{type(scheduler).__module__}.{type(scheduler).__qualname__}"
     digest.update(f"|{device}|{kind}|{diffusers.__version__}|{torch.__version__}".encode())
     return digest.hexdigest()

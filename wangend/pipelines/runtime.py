@@ -49,6 +49,7 @@ from .calls import (
     resuming_view,
     scheduler_for,
 )
+from .catalog import ModelRecord
 from .conditioning import MediaError
 from .control import JobAborted, JobControl, RunHooks
 from .production import OOM_ERRORS, ProductionManager
@@ -148,6 +149,7 @@ class GenerationRuntime:
             record = self.production.registry.resolve(job.model)
         except ModelUnavailable as exc:
             raise JobFailure("ModelUnavailable", exc.message) from None
+        record = _as_queued(record, job, job_id)
         _check_inputs_still_there(job)  # before a load that could take minutes
         job = self.enhance_prompt(job, hooks)
         control.check_abort()
@@ -162,7 +164,8 @@ class GenerationRuntime:
             self.loras.hydrate(pipe, job.loras)  # none: adapters off, the base weights
         resume = None
         if self.resume is not None and options.step_cache != "mag":  # resume.py: why
-            mark = fingerprint(job, options, self.device, pipe.scheduler)
+            weights = record.load_source if record.files else ""
+            mark = fingerprint(job, options, self.device, pipe.scheduler, weights)
             offset = job.steps - denoising_steps(job)
             resume = RunResume(self.resume, job_id, mark, offset=offset)
         try:
@@ -370,3 +373,20 @@ def _check_inputs_still_there(job: ResolvedGenerate) -> None:
     for name, path in paths:
         if not Path(path).is_file():
             raise JobFailure("InvalidInput", f"{name} {path} is gone since the job was queued")
+
+
+def _as_queued(record: ModelRecord, job: ResolvedGenerate, job_id: int) -> ModelRecord:
+    """The model as the job was queued with it. A [models.NAME] whose files the config
+    changed since still runs the files the job records (the same job, the same frames);
+    one whose base changed cannot, and the job fails saying so."""
+    if not job.files or dict(record.files) == job.files:
+        return record
+    if record.source != job.source:
+        raise JobFailure(
+            "ModelUnavailable",
+            f"model {job.model} now has base {record.source}, not {job.source} as when job "
+            f"{job_id} was queued; queue the job again",
+        )
+    log.info("job %d: model %s names other files now; running those it was queued with",
+             job_id, job.model)  # fmt: skip
+    return msgspec.structs.replace(record, files=tuple(job.files.items()))
