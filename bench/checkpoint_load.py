@@ -9,7 +9,10 @@ maps a file and reads it lazily:
 
 * folder: `WanTransformer3DModel.from_pretrained(folder, torch_dtype=bf16)`, what a
   plain model does;
-* wangend: `checkpoints.load_transformer` (renaming, the from_pretrained dtype rule);
+* wangend: `checkpoints.load_transformer` (renaming, the from_pretrained dtype rule),
+  as on a GPU with memory profile "none" (the model leaves the file's memory map when it
+  moves to the device), and "wangend-copy", as on a CPU device or an offload profile
+  (every tensor copied, so rewriting the file cannot touch the model);
 * from_single_file: diffusers' own loader, for reference (it casts the float32-kept
   modules to bf16 too, so its result differs).
 
@@ -72,8 +75,9 @@ def load(way: str) -> dict[str, float]:
     started = time.perf_counter()
     if way == "folder":
         model = WanTransformer3DModel.from_pretrained(FOLDER, torch_dtype=torch.bfloat16)
-    elif way == "wangend":
-        model = load_transformer(WanTransformer3DModel, FILE, FOLDER, torch.bfloat16)
+    elif way in ("wangend", "wangend-copy"):
+        copy = way == "wangend-copy"  # what a CPU device or an offload profile loads
+        model = load_transformer(WanTransformer3DModel, FILE, FOLDER, torch.bfloat16, copy=copy)
     else:
         model = WanTransformer3DModel.from_single_file(
             str(FILE), config=str(FOLDER), local_files_only=True, torch_dtype=torch.bfloat16
@@ -124,7 +128,7 @@ def sparse_14b(path: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--one", choices=("folder", "wangend", "from_single_file"))
+    parser.add_argument("--one", choices=("folder", "wangend", "wangend-copy", "from_single_file"))
     args = parser.parse_args()
     if args.one:
         print(json.dumps(load(args.one)))
@@ -136,7 +140,7 @@ def main() -> None:
     print(f"1.3B random transformer, bf16: {FILE.stat().st_size / 1e9:.2f} GB file")
     results: dict[str, list[dict]] = {}
     for _ in range(args.repeat):  # interleaved, each in a fresh process
-        for way in ("folder", "wangend", "from_single_file"):
+        for way in ("folder", "wangend", "wangend-copy", "from_single_file"):
             out = subprocess.run(
                 [sys.executable, __file__, "--one", way], capture_output=True, text=True, check=True
             )
