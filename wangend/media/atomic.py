@@ -37,7 +37,14 @@ import msgspec
 
 from ..errors import JobFailure
 
-__all__ = ["RETRYABLE_ERRNOS", "RetryPolicy", "fsync_dir", "publish", "with_retries"]
+__all__ = [
+    "RETRYABLE_ERRNOS",
+    "RetryPolicy",
+    "fsync_dir",
+    "publish",
+    "replace_durably",
+    "with_retries",
+]
 
 log = logging.getLogger("wangend.media")
 
@@ -176,6 +183,24 @@ def _claim(temp: Path, folder: Path, stem: str, suffix: str, reserve: Sequence[s
         fsync_dir(folder)
         return final
     raise OSError(errno.EEXIST, f"no free name for {stem}{suffix} after {MAX_NAME_TRIES} tries")
+
+
+def replace_durably(final: Path, data: bytes) -> None:
+    """Put `data` in `final` (a small state file) so that, whatever happens, the name
+    holds the old content or the new one, whole and on disk: a temp file beside it,
+    fsynced, renamed over it, the folder fsynced. OSError goes to the caller."""
+    final = Path(final)
+    temp = final.parent / f".{final.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(temp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, final)
+        fsync_dir(final.parent)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 def fsync_dir(folder: Path) -> None:

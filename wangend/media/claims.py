@@ -24,7 +24,7 @@ import os
 import re
 from pathlib import Path
 
-from .atomic import fsync_dir
+from .atomic import fsync_dir, replace_durably
 
 __all__ = ["ClaimLog"]
 
@@ -95,17 +95,7 @@ class ClaimLog:
         return [c for c in claims if isinstance(c, dict)] if isinstance(claims, list) else []
 
     def _write(self, job_id: int, claims: list[dict]) -> None:
-        final, temp = self.path(job_id), self.folder / f".{job_id}.claims.tmp"
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            with open(temp, "wb") as handle:
-                handle.write(json.dumps(claims).encode())
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, final)
-            fsync_dir(self.folder)
-        finally:
-            temp.unlink(missing_ok=True)
+        replace_durably(self.path(job_id), json.dumps(claims).encode())
 
 
 def _remove_claimed(claim: dict) -> list[str]:

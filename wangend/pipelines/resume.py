@@ -49,7 +49,7 @@ from typing import Any
 import msgspec
 import torch
 
-from ..media.atomic import fsync_dir
+from ..media.atomic import fsync_dir, replace_durably
 from ..media.claims import ClaimLog
 
 __all__ = [
@@ -259,20 +259,11 @@ class ResumeStore:
     def record_outputs(self, job_id: int, paths: list[str]) -> None:
         """The job's outputs are written: note them (fsynced) before the queue records
         the success, so a kill in between does not run the job again."""
-        final, temp = self.outputs_path(job_id), self.folder / f".{job_id}.outputs.tmp"
         try:
-            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            with open(temp, "wb") as handle:
-                handle.write(json.dumps(paths).encode())
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, final)
-            fsync_dir(self.folder)
+            replace_durably(self.outputs_path(job_id), json.dumps(paths).encode())
         except OSError as exc:
             log.warning("job %d: outputs not noted: %s", job_id, exc.strerror or exc)
             return  # the claims stay: the next attempt takes the files back
-        finally:
-            temp.unlink(missing_ok=True)
         self.claims.drop(job_id)
 
     def recorded_outputs(self, job_id: int) -> list[str] | None:
