@@ -48,7 +48,7 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 # The preset is left out because its effect (LoRAs, values) is already in the settings.
 DERIVED_FIELDS = frozenset(
     {"kind", "source", "family", "inputs_sha256", "dtype", "original_prompt", "enhancer",
-     "preset"}
+     "preset", "files"}
 )  # fmt: skip
 
 
