@@ -90,3 +90,28 @@ def test_a_dry_run_says_when_the_model_is_not_on_disk(
     )
     engine.production.allow_download = False
     assert "downloading is off" in engine.validate(spec).plan["note"]
+
+
+def test_a_reload_adds_a_file_model_and_refuses_a_clashing_one(
+    engine: Engine, tmp_path: Path, models_dir: Path
+) -> None:
+    """A new [models.NAME] is usable after SIGHUP, without a restart (and the warm model);
+    one named like a built-in is refused and the tables in force stay."""
+    from wangend.config import ModelFiles
+    from wangend.errors import ModelUnavailable
+    from wangend.pipelines.tiny import ensure_tiny_model
+
+    from ..pipelines.checkpoint_files import write_checkpoint
+
+    ckpt = write_checkpoint(
+        ensure_tiny_model(models_dir) / "transformer", tmp_path / "wan_tiny.safetensors"
+    )
+    spec = GenerateSpec(prompt="a fox", model="comfy", frames=5)
+    with pytest.raises(ModelUnavailable):
+        engine.validate(spec)
+    added = {"comfy": ModelFiles(base="tiny", transformer=str(ckpt))}
+    assert engine.reload(msgspec.structs.replace(engine.config, models=added)) == ["models"]
+    assert engine.validate(spec).spec.files == {"transformer": str(ckpt)}
+    clash = {"tiny": ModelFiles(base="tiny", transformer=str(ckpt))}
+    assert engine.reload(msgspec.structs.replace(engine.config, models=clash)) == []
+    assert engine.config.models == added and engine.validate(spec).spec.model == "comfy"

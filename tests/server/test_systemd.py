@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from wangend.pipelines.tiny import ensure_tiny_model
 from wangend.server.systemd import Notifier, listen_sockets, watchdog_interval
 
+from ..pipelines.checkpoint_files import write_checkpoint
 from ..support.harness import DaemonProcess
 from ..support.wire import WireClient, job_event
 
@@ -232,8 +234,14 @@ def test_sighup_applies_log_level_and_names_keys_that_need_a_restart(tmp_path: P
     config = tmp_path / "wangend.toml"
     config.write_text('log_level = "info"\nmodel = "tiny"\n')
     daemon = DaemonProcess(tmp_path, "--config", str(config)).start()
+    ckpt = write_checkpoint(
+        ensure_tiny_model(tmp_path / "elsewhere") / "transformer", tmp_path / "wan.safetensors"
+    )
     try:
-        config.write_text('log_level = "debug"\nmodel = "wan2.1-t2v-1.3b"\n')
+        config.write_text(
+            'log_level = "debug"\nmodel = "wan2.1-t2v-1.3b"\n'
+            f'[models.comfy]\nbase = "tiny"\ntransformer = "{ckpt}"\n'
+        )
         daemon.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 30
         while "takes effect after a restart" not in daemon.log():
@@ -242,6 +250,10 @@ def test_sighup_applies_log_level_and_names_keys_that_need_a_restart(tmp_path: P
         log = daemon.log()
         assert "log_level = 'debug' (applied)" in log
         assert "model changed; takes effect after a restart" in log
+        assert "config reloaded: models = " in log and "(applied)" in log
+        with daemon.unix() as client:  # the new [models.comfy], without a restart
+            listed = {m["name"]: m for m in client.result("models", {})["models"]}
+        assert listed["comfy"]["available"] and listed["comfy"]["files"]["transformer"] == str(ckpt)
 
         config.write_text("log_level = [")  # broken: logged, the daemon keeps running
         daemon.proc.send_signal(signal.SIGHUP)

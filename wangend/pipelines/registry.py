@@ -87,12 +87,18 @@ class ModelRegistry:
     def __init__(self, models_dir: Path, files: Mapping[str, ModelFiles] | None = None) -> None:
         self.models_dir = Path(models_dir).expanduser().absolute()
         self._builtins = builtin_records(self.models_dir)
-        self._files = dict(files or {})
-        clash = sorted(self._files.keys() & self._builtins.keys())
+        self._files: dict[str, ModelFiles] = {}
+        self.set_files(files or {})
+
+    def set_files(self, files: Mapping[str, ModelFiles]) -> None:
+        """The config's [models.NAME] tables (again, on SIGHUP). Jobs already queued keep
+        the files they were queued with (runtime.py)."""
+        clash = sorted(files.keys() & self._builtins.keys())
         if clash:
             raise ConfigError(
                 f"models.{clash[0]}: {clash[0]} is the name of a built-in model; pick another"
             )
+        self._files = dict(files)  # one assignment: a resolve never sees half of it
 
     @property
     def names(self) -> list[str]:

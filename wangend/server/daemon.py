@@ -82,7 +82,7 @@ SEQ_META_KEY = "event_seq_reserved"
 SEQ_BLOCK = 100_000
 STATUS_INTERVAL = 1.0  # seconds between STATUS= updates to systemd, at most one each
 # keys SIGHUP applies at once ([lora] folders and [enhancer] through the engine)
-RELOADABLE = frozenset({"log_level", "stop_grace", "lora", "enhancer"})
+RELOADABLE = frozenset({"log_level", "stop_grace", "lora", "enhancer", "models"})
 
 
 def check_device(device: str) -> None:
@@ -336,8 +336,11 @@ class Daemon:
         applied = {k: fresh[k] for k in changed if k in RELOADABLE}
         if "log_level" in applied:
             set_log_level(applied["log_level"])
-        if {"lora", "enhancer"} & applied.keys() and hasattr(self, "engine"):
-            self.engine.reload(new)
+        if {"lora", "enhancer", "models"} & applied.keys() and hasattr(self, "engine"):
+            done = self.engine.reload(new)
+            if "models" in applied and "models" not in done:  # refused: logged there
+                del applied["models"]
+                changed.remove("models")
         for key in changed:
             if key in applied:
                 log.info("config reloaded: %s = %r (applied)", key, fresh[key])

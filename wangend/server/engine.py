@@ -28,7 +28,7 @@ from ..adapters.lora_injection import LoRAInjectionManager
 from ..adapters.presets import PresetError, PresetLibrary
 from ..adapters.prompt_enhancer import PromptEnhancerBridge
 from ..adapters.requests import AdapterRequests
-from ..config import ServerConfig
+from ..config import ConfigError, ServerConfig
 from ..matting.inputs import MattingInputs
 from ..matting.runtime import MattingRuntime
 from ..media.access import InputAccess
@@ -196,9 +196,19 @@ class Engine:
         return PresetsResult(folders=[str(r) for r in self.preset_library.roots], presets=presets)
 
     def reload(self, config: ServerConfig) -> list[str]:
-        """Apply what can change while running (LoRA and preset folders, the enhancer);
-        returns what was applied. The warm model and the queue are untouched."""
+        """Apply what can change while running (LoRA and preset folders, the enhancer,
+        the [models.NAME] tables); returns what was applied. The warm model and the queue
+        are untouched."""
         applied = []
+        models = self.config.models
+        if config.models != self.config.models:
+            try:
+                self.registry.set_files(config.models)
+            except ConfigError as exc:
+                log.error("config reloaded: [models] not applied: %s", exc)
+            else:
+                models = config.models
+                applied.append("models")
         with self._lock:
             if config.lora != self.config.lora:
                 self.lora_library = LoRALibrary(lora_roots(config))
@@ -217,6 +227,6 @@ class Engine:
                 )
                 applied.append("enhancer")
         self.config = msgspec.structs.replace(
-            self.config, lora=config.lora, enhancer=config.enhancer
+            self.config, lora=config.lora, enhancer=config.enhancer, models=models
         )
         return applied
