@@ -376,3 +376,15 @@ def test_odd_headers_and_unreadable_paths_are_refusals_not_crashes(family_models
     assert "unreadable (File name too long)" in refusal(registry, "long")
     listed = {m.name: m for m in registry.list()}
     assert not listed["odd"].available and not listed["long"].available
+
+
+def test_a_file_with_tensors_the_model_lacks_is_refused_naming_them(
+    family_models, tmp_path
+) -> None:
+    from diffusers import WanTransformer3DModel
+
+    folder = family_models / "tiny" / "transformer"
+    extra = {"motion_head.weight": torch.zeros(2)}
+    odd = write_checkpoint(folder, tmp_path / "odd.safetensors", layout="diffusers", extra=extra)
+    with pytest.raises(ValueError, match=r"has 1 it does not know \(motion_head\.weight, \.\.\.\)"):
+        load_transformer(WanTransformer3DModel, odd, folder, torch.float32)

@@ -243,7 +243,8 @@ def load_transformer(
     with safe_open(str(path), framework="pt") as handle:
         for key in handle.keys():  # noqa: SIM118 (safe_open is not a Mapping)
             tensors[key.removeprefix(PREFIX)] = handle.get_tensor(key)
-    if not tensors.keys() <= wanted:
+    diffusers_layout = any(key.startswith("condition_embedder.") for key in tensors)
+    if not diffusers_layout and not tensors.keys() <= wanted:  # the original Wan names
         from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
         tensors = convert_wan_transformer_to_diffusers(tensors)
