@@ -44,7 +44,6 @@ __all__ = [
 PREFIX = "model.diffusion_model."  # ComfyUI's files put the transformer under this
 BLOCK = re.compile(r"blocks\.(\d+)\.")
 VACE_BLOCK = re.compile(r"vace_blocks\.(\d+)\.")
-FP8 = ("F8_E4M3", "F8_E5M2")
 
 
 class CheckpointProblem(ValueError):
@@ -229,7 +228,8 @@ def load_transformer(
     `copy`: never keep a tensor that maps the file. Needed where the weights stay on
     the host (a CPU device, offload profiles), so rewriting the file cannot change the
     model or kill the process (SIGBUS); a model moved to the GPU right away can skip it
-    (measured: x4 load time and twice the resident memory while loading)."""
+    (measured: x3 load time and twice the resident memory while loading;
+    docs/benchmarks.md)."""
     import torch
     from accelerate import init_empty_weights
     from safetensors import safe_open
