@@ -46,7 +46,7 @@ def run(runtime: GenerationRuntime, job_id: int, job: Any, control=None, hooks=N
     """A successful run, then what the queue does once it has recorded the success."""
     hooks = hooks or RecordingHooks()
     [path] = runtime.run(job_id, job, control or JobControl(), hooks)
-    runtime.forget(job_id)
+    runtime.forget(job_id, succeeded=True)
     return read_metadata(path), hooks
 
 
@@ -301,9 +301,27 @@ def test_a_kill_after_the_output_is_written_keeps_that_output(resumable, store, 
     assert resumable.run(14, job, JobControl(), hooks) == first
     assert hooks.named("progress") == []  # not even a load
     assert sorted(p.name for p in resumable.output_dir.iterdir()) == [Path(first[0]).name]
-    resumable.forget(14)
+    resumable.forget(14, succeeded=True)
     assert store.jobs() == []
     Path(first[0]).unlink()  # a noted output that is gone means the job runs again
     store.record_outputs(15, first)
     [again] = resumable.run(15, job, JobControl(), RecordingHooks())
     assert Path(again).is_file()
+
+
+def test_a_job_that_ends_without_its_outputs_takes_back_what_it_named(tmp_path: Path) -> None:
+    """The queue's record of a job's end decides the fate of files an attempt named
+    but never noted: kept for a success (they are its outputs), removed otherwise."""
+    from wangend.media.atomic import RetryPolicy, publish
+
+    store = ResumeStore(tmp_path / "resume")
+    named = {}
+    for job in (1, 2):
+        named[job] = publish(
+            tmp_path / "out", f"clip{job}", ".mp4", lambda t: t.write_bytes(b"video"),
+            RetryPolicy(), on_claim=lambda temp, job=job: store.claims.note(job, temp),
+        )  # fmt: skip
+    assert store.jobs() == [1, 2]
+    store.discard(1, succeeded=True)
+    store.discard(2)
+    assert named[1].is_file() and not named[2].exists() and store.jobs() == []

@@ -1,15 +1,17 @@
-"""A daemon killed in the milliseconds between an output getting its final name and the
-runtime noting it: the restart takes that unrecorded copy back and writes the output
-once, with no second copy and no hidden temp file left behind.
+"""A daemon killed while it writes a job's output, at the moments no signal can be timed
+for: while the video is encoded into its hidden temp file, right after the file gets its
+final name, and right after the runtime noted the outputs. Whatever the moment, and
+whether the job then runs again or is out of attempts, the output folder ends with
+exactly the files the job's record names (none for a failed job): no second copy, no
+hidden temp file, nothing in <state dir>/resume.
 
-The kill lands exactly there because the daemon runs with a `sitecustomize` that makes
-the directory fsync right after the video's hard link (media/atomic.py `_claim`) exit
-the process with status 9, as `kill -9` would end it: no cleanup, no `finally`.
+Each kill lands exactly there: the daemon runs with a `sitecustomize` that wraps one
+function and ends the process with status 9 inside it, as `kill -9` would: no cleanup,
+no `finally`. It fires once (a marker file), so the restarted daemon runs plainly.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -24,56 +26,126 @@ pytestmark = pytest.mark.slow
 SPEC = {"prompt": "a fox", "width": 32, "height": 32, "frames": 5, "steps": 3, "seed": 9}
 TERMINAL = ("job.succeeded", "job.failed", "job.aborted")
 
-DIE_AFTER_LINK = """
+HOOK = """
 import os
+
+_marker = os.environ["WANGEN_TEST_DIED"]
+
+
+def _die_once():
+    if not os.path.exists(_marker):
+        open(_marker, "w").close()
+        os._exit(9)
+
+{wrap}
+"""
+WRAPS = {
+    # half a video in the hidden temp file, then gone
+    "encoding": """
+import wangend.media.persistence as persistence
+
+_encode = persistence._encode
+
+
+def encode(frames, path, *args, **kwargs):
+    with open(path, "wb") as handle:
+        handle.write(b"half a video")
+    _die_once()
+    _encode(frames, path, *args, **kwargs)
+
+
+persistence._encode = encode
+""",
+    # the directory fsync right after the video's hard link (media/atomic.py `_claim`)
+    "named": """
 import wangend.media.atomic as atomic
 
 _fsync_dir = atomic.fsync_dir
-_outputs = os.environ["WANGEN_TEST_DIE_IN"]
 
 
 def fsync_dir(folder):
-    if str(folder) == _outputs and not os.path.exists(_outputs + ".died"):
-        open(_outputs + ".died", "w").close()
-        os._exit(9)
+    if str(folder) == os.environ["WANGEN_TEST_OUTPUTS"]:
+        _die_once()
     _fsync_dir(folder)
 
 
 atomic.fsync_dir = fsync_dir
-"""
+""",
+    # right after `<job>.outputs.json` is written, before the queue records the success
+    "noted": """
+import wangend.pipelines.resume as resume
+
+_replace = resume.replace_durably
 
 
-def test_a_kill_between_naming_and_noting_leaves_one_output_and_no_temp(tmp_path: Path) -> None:
+def replace_durably(final, data):
+    _replace(final, data)
+    if str(final).endswith(".outputs.json"):
+        _die_once()
+
+
+resume.replace_durably = replace_durably
+""",
+}
+
+
+def killed_once(tmp_path: Path, moment: str, *args: str) -> tuple[DaemonProcess, int, dict]:
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(DIE_AFTER_LINK)
-    outputs = (tmp_path / "outputs").absolute()
-    env = {"PYTHONPATH": str(hook), "WANGEN_TEST_DIE_IN": str(outputs)}
-    daemon = DaemonProcess(tmp_path, env=env).start()
+    (hook / "sitecustomize.py").write_text(HOOK.replace("{wrap}", WRAPS[moment]))
+    env = {
+        "PYTHONPATH": str(hook),
+        "WANGEN_TEST_DIED": str(tmp_path / "died"),
+        "WANGEN_TEST_OUTPUTS": str((tmp_path / "outputs").absolute()),
+    }
+    daemon = DaemonProcess(tmp_path, *args, env=env).start()
     with daemon.unix() as client:
         job = client.result("enqueue", SPEC)["job"]
-    assert daemon.wait(timeout=120) == 9  # died right after the link, before the note
-    orphans = [
-        p for p in files_under(outputs) if p.suffix == ".mp4" and p not in dot_files(outputs)
-    ]
-    assert len(orphans) == 1 and len(dot_files(outputs)) == 1  # the named copy, the temp link
-    claims = json.loads((daemon.state_dir / "resume" / f"{job}.claims.json").read_text())
-    assert [c["stem"] for c in claims] == [orphans[0].stem]
-
-    again = DaemonProcess(tmp_path, env=env).start()  # the hook has fired: runs plainly
+    assert daemon.wait(timeout=120) == 9, daemon.log()
+    left = {"files": files_under(tmp_path / "outputs"), "hidden": dot_files(tmp_path / "outputs")}
+    again = DaemonProcess(tmp_path, *args, env=env).start()  # the hook has fired
     try:
         with again.unix() as client:
             client.result("subscribe", {"since": 0})
-            final = client.wait_event(job_event(job, *TERMINAL))
+            client.wait_event(job_event(job, *TERMINAL))
             record = client.result("status", {"job": job})
     finally:
         again.stop()
-    assert final["type"] == "job.succeeded", final
+    return again, job, {**left, "record": record}
+
+
+@pytest.mark.parametrize("moment", ["encoding", "named", "noted"])
+def test_a_kill_while_writing_the_output_leaves_exactly_the_recorded_output(
+    tmp_path: Path, moment: str
+) -> None:
+    daemon, _job, seen = killed_once(tmp_path, moment)
+    assert seen["hidden"] or moment == "noted", seen  # the kill left something to clear
+    record = seen["record"]
+    assert record["state"] == "succeeded", record
     [output] = record["outputs"]
-    assert "(2)" not in Path(output).name and Path(output).exists()
-    assert [str(p) for p in files_under(outputs)] == [output]
-    assert dot_files(outputs) == []
-    frames, _ = decode_frames(output)
-    assert frames.shape == (5, 32, 32, 3)
-    assert "writing it again" in again.log()
-    assert not list((again.state_dir / "resume").iterdir())
+    assert "(2)" not in Path(output).name
+    assert [str(p) for p in files_under(tmp_path / "outputs")] == [output]
+    assert decode_frames(output)[0].shape == (5, 32, 32, 3)
+    assert not list((daemon.state_dir / "resume").iterdir())
+    if moment == "noted":  # the written output was kept, not made again
+        assert [str(p) for p in seen["files"]] == [output]
+
+
+@pytest.mark.parametrize("moment", ["encoding", "named", "noted"])
+def test_on_its_last_attempt_the_job_ends_with_nothing_unrecorded(
+    tmp_path: Path, moment: str
+) -> None:
+    """`max_attempts = 1`: a kill costs the job its only attempt, so it fails "Interrupted"
+    and what that attempt began to write goes; unless the attempt had noted its outputs,
+    when the job is done and ends succeeded with them."""
+    config = tmp_path / "config.toml"
+    config.write_text("max_attempts = 1\n")
+    daemon, _job, seen = killed_once(tmp_path, moment, "--config", str(config))
+    record = seen["record"]
+    if moment == "noted":
+        assert record["state"] == "succeeded", record
+        assert [str(p) for p in files_under(tmp_path / "outputs")] == record["outputs"]
+    else:
+        assert record["state"] == "failed" and record["error"]["type"] == "Interrupted"
+        assert files_under(tmp_path / "outputs") == []
+    assert not list((daemon.state_dir / "resume").iterdir())

@@ -123,8 +123,9 @@ def publish(
     """Write a new file `folder/stem<suffix>` (or the first free `stem(N)<suffix>`) with
     `write(temp_path)` and return its absolute path. `reserve`: other suffixes that must be
     free under the same `stem(N)` too, so companions (`stem(N).json`) pair with it.
-    `on_claim(temp)`: called with the whole, fsynced temp file just before it is given
-    its name (claims.py notes it there)."""
+    `on_claim(temp)`: called with the temp path before anything is written to it, and
+    again with the whole, fsynced file just before it is given its name (claims.py
+    notes both, so a kill at any moment leaves nothing a later attempt cannot find)."""
     if not stem or Path(stem).name != stem or stem.startswith(".") or "\\" in stem:
         raise JobFailure("OutputWriteFailed", f"could not write {stem!r}: not a file name")
     folder = Path(folder).absolute()
@@ -145,6 +146,8 @@ def _publish_once(
 ) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     temp = folder / f".{stem}.{secrets.token_hex(4)}.tmp{suffix}"
+    if on_claim is not None:
+        on_claim(temp)  # not there yet: noted by name
     try:
         write(temp)
         with open(temp, "rb") as handle:  # the data is on disk before the name appears

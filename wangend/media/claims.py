@@ -7,13 +7,14 @@ milliseconds) used to leave a complete output no record knew of, so the next att
 wrote a second copy (`name(2).mp4`), and a kill between the link and the temp file's
 removal left a hidden `.name.<hex>.tmp.mp4` too.
 
-So just before each link, the temp file's identity is noted (fsynced): its device,
-inode, size and modification time, which the hard link shares. The next attempt of the
-job removes every file with that identity under that output's names (the final name,
-`name(N)`, the hidden temp name), then writes its outputs again (from its last resume
-point, usually just the decode).
-All four must match and the name must be the output's, so another file (even one that
-reuses a freed inode number) is never touched.
+So before anything is written to a temp file its name is noted, and just before its
+link its identity (fsynced both times): device, inode, size and modification time, which
+the hard link shares. Undoing a run (the job's next attempt, or the job ending without
+those outputs recorded: cancelled, failed, out of attempts) removes the noted temp name
+(a random name only that run used) and every file with a noted identity under that
+output's names (the final name, `name(N)`, the temp name). All four must match and the
+name must be the output's, so another file (even one that reuses a freed inode number)
+is never touched.
 """
 
 from __future__ import annotations
@@ -42,23 +43,23 @@ class ClaimLog:
         return self.folder / f"{job_id}.claims.json"
 
     def note(self, job_id: int, temp: Path) -> None:
-        """Note `temp` (about to be linked to its final name) as the job's."""
+        """Note `temp` as the job's: by name before it exists, by identity once it is
+        whole (about to be linked to its final name)."""
         temp = Path(temp).absolute()
         try:
-            st = temp.stat()
             name = temp.name  # ".<stem>.<hex>.tmp<suffix>", as atomic.publish names it
             match = re.fullmatch(r"\.(.+)\.[0-9a-f]+\.tmp(\.[^.]*)", name)
             if match is None:
                 raise ValueError(f"{name} is not a temp output name")
-            claim = {
+            claim: dict = {
                 "folder": str(temp.parent),
                 "stem": match.group(1),
                 "suffix": match.group(2),
-                "dev": st.st_dev,
-                "ino": st.st_ino,
-                "size": st.st_size,
-                "mtime_ns": st.st_mtime_ns,
+                "temp": name,
             }
+            if temp.exists():
+                st = temp.stat()
+                claim.update(dev=st.st_dev, ino=st.st_ino, size=st.st_size, mtime_ns=st.st_mtime_ns)
             self._write(job_id, [*self._read(job_id), claim])
         except (OSError, ValueError) as exc:
             log.warning("job %d: output claim not noted: %s", job_id, exc)
@@ -99,8 +100,18 @@ class ClaimLog:
 
 
 def _remove_claimed(claim: dict) -> list[str]:
-    """Unlink every name of the claimed file among the output's own names."""
+    """Unlink the claim's temp name, and every name of the claimed file among the
+    output's own names."""
     folder, stem, suffix = Path(claim["folder"]), str(claim["stem"]), str(claim["suffix"])
+    if "ino" not in claim:  # noted before it was written: only its own random name
+        temp = folder / str(claim["temp"])
+        if not re.fullmatch(rf"\.{re.escape(stem)}\.[0-9a-f]+\.tmp{re.escape(suffix)}", temp.name):
+            return []
+        try:
+            temp.unlink()
+        except FileNotFoundError:
+            return []
+        return [str(temp)]
     names = re.compile(
         rf"(?:{re.escape(stem)}(?:\(\d+\))?|\.{re.escape(stem)}\.[0-9a-f]+\.tmp){re.escape(suffix)}"
     )

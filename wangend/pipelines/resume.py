@@ -266,6 +266,11 @@ class ResumeStore:
             return  # the claims stay: the next attempt takes the files back
         self.claims.drop(job_id)
 
+    def finished(self, job_id: int) -> bool:
+        """An attempt of the job wrote and noted all its outputs: a rerun only returns
+        them."""
+        return self.recorded_outputs(job_id) is not None
+
     def recorded_outputs(self, job_id: int) -> list[str] | None:
         """The outputs an earlier attempt wrote, if all of them are still there."""
         try:
@@ -278,9 +283,15 @@ class ResumeStore:
             return None
         return paths
 
-    def discard(self, job_id: int) -> None:
-        """Forget everything about the job: its point, noted outputs and claims."""
-        for path in (self.path(job_id), self.outputs_path(job_id), self.claims.path(job_id)):
+    def discard(self, job_id: int, succeeded: bool = False) -> None:
+        """Forget everything about the job: its point, noted outputs and claims. Unless
+        the job `succeeded` (its outputs are in its record), files a run named but never
+        noted as outputs go too: the job ended without them."""
+        if succeeded:
+            self.claims.drop(job_id)
+        else:
+            self.claims.undo(job_id)
+        for path in (self.path(job_id), self.outputs_path(job_id)):
             try:
                 path.unlink(missing_ok=True)
             except OSError as exc:

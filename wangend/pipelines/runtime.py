@@ -128,10 +128,15 @@ class GenerationRuntime:
         """The step a cut-off job's resume point holds (None without one)."""
         return self.resume.peek(job_id) if self.resume is not None else None
 
-    def forget(self, job_id: int) -> None:
-        """The queue has recorded the job's end: its resume point and noted outputs go."""
+    def finished(self, job_id: int) -> bool:
+        """An earlier attempt wrote and noted every output: a rerun only returns them."""
+        return self.resume is not None and self.resume.finished(job_id)
+
+    def forget(self, job_id: int, succeeded: bool = False) -> None:
+        """The queue has recorded the job's end: its resume point and noted outputs go,
+        and, unless it `succeeded`, any output an attempt named but never noted."""
         if self.resume is not None:
-            self.resume.discard(job_id)
+            self.resume.discard(job_id, succeeded=succeeded)
 
     def run(
         self, job_id: int, job: ResolvedGenerate, control: JobControl, hooks: RunHooks

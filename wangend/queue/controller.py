@@ -76,8 +76,13 @@ class Worker(Protocol):
         """The step a queued job's resume point holds, or None."""
         ...
 
-    def forget(self, job_id: int) -> None:
-        """The job's end is recorded: drop what a rerun of it would have used."""
+    def forget(self, job_id: int, succeeded: bool = False) -> None:
+        """The job's end is recorded: drop what a rerun of it would have used (and,
+        unless it `succeeded`, outputs an attempt named but never noted)."""
+        ...
+
+    def finished(self, job_id: int) -> bool:
+        """An attempt cut off before the queue knew wrote and noted all its outputs."""
         ...
 
     def run(
@@ -131,7 +136,7 @@ class QueueController:
         self.state = QueueStateTracker(pause_mode)
 
     def _recover(self) -> None:
-        recovery = self.store.recover(self.max_attempts)
+        recovery = self.store.recover(self.max_attempts, self.worker.finished)
         for job_id in recovery.requeued:
             log.warning("job %d was interrupted by the last stop; it is queued again", job_id)
             self._announce_queued(self.store.get(job_id), reason="recovered")
@@ -225,9 +230,10 @@ class QueueController:
         """Housekeeping once a run is over: an ended job's resume files go (the worker
         keeps them for a requeued one), and it no longer holds a pause's exemption."""
         try:
-            if self.store.get(job_id).state not in TERMINAL_STATES:
+            state = self.store.get(job_id).state
+            if state not in TERMINAL_STATES:
                 return
-            self.worker.forget(job_id)
+            self.worker.forget(job_id, succeeded=state == "succeeded")
             if self.store.get_meta(FINISHING_META_KEY) == str(job_id):
                 self.store.set_meta(FINISHING_META_KEY, None)
         except Exception:  # the next start's sweep and recovery settle what is left

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -390,20 +390,24 @@ class JobStore:
             db.execute(CANCEL_QUEUED, (msgspec.json.encode(error).decode(), now, now))
         return ids
 
-    def recover(self, max_attempts: int) -> Recovery:
+    def recover(
+        self, max_attempts: int, finished: Callable[[int], bool] = lambda job_id: False
+    ) -> Recovery:
         """After an unclean stop: give back to the queue what the worker held.
 
         A job found `running` or `paused` was on the worker when the daemon died. It goes
         back to `queued`, at its old place and keeping its attempt count, unless it has
         been started `max_attempts` times already: then it fails ("Interrupted"), so one
-        job that takes the daemon down cannot bring it down forever.
+        job that takes the daemon down cannot bring it down forever. A job `finished`
+        says wrote all its outputs before the stop is queued again whatever its count:
+        its next run only returns them, and a finished job must not end `failed`.
         """
         requeued: list[int] = []
         failed: list[int] = []
         now = time.time()
         with self.transaction() as db:
             for job_id, attempts in db.execute(SELECT_INTERRUPTED).fetchall():
-                if attempts < max_attempts:
+                if attempts < max_attempts or finished(job_id):
                     db.execute(REQUEUE_JOB, (now, job_id))
                     requeued.append(job_id)
                     continue

@@ -43,7 +43,9 @@ class _GenerationRunner(_Runner, Protocol):
 
     def resume_step(self, job_id: int) -> int | None: ...
 
-    def forget(self, job_id: int) -> None: ...
+    def forget(self, job_id: int, succeeded: bool = False) -> None: ...
+
+    def finished(self, job_id: int) -> bool: ...
 
 
 class _Planner(_Resolver, Protocol):
@@ -77,8 +79,11 @@ class JobRouter:
         """Only generations write resume points."""
         return self.generation.resume_step(job_id)
 
-    def forget(self, job_id: int) -> None:
-        self.generation.forget(job_id)
+    def forget(self, job_id: int, succeeded: bool = False) -> None:
+        self.generation.forget(job_id, succeeded=succeeded)
+
+    def finished(self, job_id: int) -> bool:
+        return self.generation.finished(job_id)
 
     def resolve(self, spec: JobSpec) -> ResolvedJob:
         if isinstance(spec, MatAnyOneSpec):
