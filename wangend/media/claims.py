@@ -75,8 +75,8 @@ class ClaimLog:
                 log.warning("job %d: claimed output not checked: %s", job_id, exc)
         if removed:
             log.info(
-                "job %d: removed %s, written by an attempt cut off before it was noted; "
-                "writing it again", job_id, ", ".join(removed),
+                "job %d: removed %s, begun by an attempt that was cut off before it "
+                "noted its outputs", job_id, ", ".join(removed),
             )  # fmt: skip
         self.drop(job_id)
         return removed
