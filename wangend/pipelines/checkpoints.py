@@ -30,11 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .weights import PICKLED, cut_short, read_header
+from .weights import PICKLED, read_header, short_of
 
 __all__ = [
     "CheckpointProblem",
     "TransformerFile",
+    "check_file",
     "check_fits",
     "file_identity",
     "inspect_transformer",
@@ -108,8 +109,8 @@ def inspect_transformer(path: Path) -> TransformerFile:
     try:
         if not path.is_file():
             raise _refuse(path, "no such file" if not path.exists() else "not a file")
-        header, _start, size = read_header(path)
-        short = cut_short(path)
+        header, start, size = read_header(path)
+        short = short_of(header, start, size)
     except OSError as exc:  # a folder the daemon's user cannot enter, a name too long
         raise _refuse(path, f"unreadable ({exc.strerror or exc})") from None
     except ValueError as exc:
@@ -186,6 +187,16 @@ def _guess(entries: Mapping[str, Any]) -> str:
     return f"its {len(keys)} tensors do not name one"
 
 
+def check_file(path: Path, config: Mapping[str, Any] | None, base: str) -> TransformerFile:
+    """`inspect_transformer`, then `check_fits` against the base's transformer config
+    when it is at hand (a hub base's is not before its download): what a file must pass
+    when its job is queued, and again before it loads."""
+    found = inspect_transformer(path)
+    if config is not None:
+        check_fits(found, config, base)
+    return found
+
+
 def check_fits(found: TransformerFile, config: Mapping[str, Any], base: str) -> None:
     """CheckpointProblem when the file's shape is not the one the base's transformer
     config describes: a 14B file on a 1.3B base, an I2V file on a T2V base, ..."""
@@ -212,18 +223,13 @@ def check_fits(found: TransformerFile, config: Mapping[str, Any], base: str) -> 
 
 
 def load_transformer(
-    cls: Any,
-    path: Path,
-    config_folder: Path,
-    dtype: Any,
-    base: str = "the base",
-    copy: bool = True,
+    cls: Any, path: Path, config_folder: Path, dtype: Any, copy: bool = True
 ) -> Any:
     """A `cls` transformer (WanTransformer3DModel, WanVACETransformer3DModel) configured
     from `config_folder/config.json`, holding the tensors of the single file `path` in
-    `dtype` (float32 for the modules the class keeps so). The file is inspected again
-    first: it may have changed since the job was queued, and a hub base's config is
-    only on disk now.
+    `dtype` (float32 for the modules the class keeps so). The caller has inspected the
+    file (`check_file`); tensors it lacks or does not know are
+    refused here.
 
     `copy`: never keep a tensor that maps the file. Needed where the weights stay on
     the host (a CPU device, offload profiles), so rewriting the file cannot change the
@@ -234,10 +240,8 @@ def load_transformer(
     from accelerate import init_empty_weights
     from safetensors import safe_open
 
-    config = cls.load_config(config_folder)
-    check_fits(inspect_transformer(path), config, base)
     with init_empty_weights():
-        model = cls.from_config(config)
+        model = cls.from_config(cls.load_config(config_folder))
     wanted = model.state_dict().keys()
     tensors: dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt") as handle:

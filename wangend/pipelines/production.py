@@ -55,13 +55,13 @@ from .acceleration import (
     run_settings,
     settle_options,
 )
-from .checkpoints import load_transformer
+from .checkpoints import CheckpointProblem, check_file, load_transformer
 from .control import JobAborted, RunHooks
-from .folders import damaged_weights, listed_components
+from .folders import damaged_weights, listed_components, read_json
 from .hub import download_snapshot
 from .registry import ModelRecord, ModelRegistry, check_folder
 from .tiny import ensure_tiny_model
-from .weights import component_weights, cut_short
+from .weights import component_weights
 
 __all__ = ["DTYPES", "ProductionManager", "resolve_device", "resolve_dtype"]
 
@@ -252,7 +252,7 @@ class ProductionManager:
         parked = self._parked.get(key)
         # Find (or download) and check the new model's files while the warm one stays:
         # a mistyped hub id or a partial folder must not cost the next job a reload.
-        folder = self._checked_folder(record, hooks, data, checkpoint) if parked is None else None
+        folder = self._folder(record, hooks, data, checkpoint) if parked is None else None
         self._parked.pop(key, None)  # before parking the current one evicts it
         self._put_away()
         if parked is not None:
@@ -319,28 +319,18 @@ class ProductionManager:
         del pipe
         _free_device_memory()
 
-    def _folder(
-        self,
-        record: ModelRecord,
-        hooks: RunHooks,
-        data: dict[str, Any],
-        checkpoint: Callable[[], None],
-    ) -> Path:
-        """The local diffusers folder to load `record` from, downloading if allowed."""
-        name = record.name
-        if record.tiny:
-            folder = Path(record.source)
-            ensure_tiny_model(folder.parent, name=folder.name)
-        if record.kind == "hub":
-            return self._hub_folder(record, hooks, data, checkpoint)
+    def _local_folder(self, record: ModelRecord) -> Path:
+        """The local diffusers folder of `record` (a tiny one built first), complete."""
         folder = Path(record.source)
+        if record.tiny:
+            ensure_tiny_model(folder.parent, name=folder.name)
         if not folder.is_dir():
-            raise JobFailure("ModelUnavailable", f"model {name}: folder {folder} is gone")
+            raise JobFailure("ModelUnavailable", f"model {record.name}: folder {folder} is gone")
         missing = check_folder(folder, dict(record.files))[1]
         if missing:
             raise JobFailure(
                 "ModelUnavailable",
-                f"model {name} cannot load from {folder}: missing {', '.join(missing)}",
+                f"model {record.name} cannot load from {folder}: missing {', '.join(missing)}",
             )
         return folder
 
@@ -397,19 +387,27 @@ class ProductionManager:
                 f"({record.source}): {hub_problem(exc)}",
             ) from exc
 
-    def _checked_folder(
+    def _folder(
         self,
         record: ModelRecord,
         hooks: RunHooks,
         data: dict[str, Any],
         checkpoint: Callable[[], None],
     ) -> Path:
-        """The folder to load `record` from, with every weights file whole (headers
-        read), or JobFailure("ModelUnavailable") naming what is missing or damaged."""
-        files = dict(record.files)
-        folder = self._folder(record, hooks, data, checkpoint)
-        damaged = damaged_weights(folder, files)
-        damaged += [f"{path}: {why}" for path in files.values() if (why := cut_short(Path(path)))]
+        """The folder to load `record` from (downloaded when allowed), with every weights
+        file whole (headers read) and each single file fitting the folder's config, or
+        JobFailure("ModelUnavailable") naming what is missing or damaged."""
+        if record.kind == "hub":
+            folder = self._hub_folder(record, hooks, data, checkpoint)
+        else:
+            folder = self._local_folder(record)
+        damaged = damaged_weights(folder, dict(record.files))
+        for part, path in record.files:
+            try:  # it may have changed since the job was queued; a hub base's config
+                # is only on disk now
+                check_file(Path(path), read_json(folder / part / "config.json"), record.source)
+            except CheckpointProblem as exc:
+                damaged.append(str(exc))
         if damaged:
             raise JobFailure(
                 "ModelUnavailable",
@@ -452,7 +450,7 @@ class ProductionManager:
                     if part in files:
                         cls = getattr(importlib.import_module(library), cls_name)
                         components[part] = load_transformer(
-                            cls, Path(files[part]), folder / part, dtype, base=record.source,
+                            cls, Path(files[part]), folder / part, dtype,
                             copy=self._device == "cpu" or options.memory_profile != "none",
                         )  # fmt: skip
                     else:

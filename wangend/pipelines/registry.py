@@ -57,7 +57,7 @@ from .catalog import (
     builtin_records,
     family_record,
 )
-from .checkpoints import CheckpointProblem, check_fits, inspect_transformer
+from .checkpoints import CheckpointProblem, check_file
 from .folders import (
     check_folder,
     detect,
@@ -220,10 +220,7 @@ class ModelRegistry:
         )
         for part, path in parts:
             try:
-                found = inspect_transformer(Path(path))
-                config = read(f"{part}/config.json")
-                if config is not None:
-                    check_fits(found, config, base.name)
+                check_file(Path(path), read(f"{part}/config.json"), base.name)
             except CheckpointProblem as exc:
                 raise ModelUnavailable(f"model {name}: {exc}", {"model": name}) from None
         which = "transformer files" if len(parts) > 1 else "a transformer file"

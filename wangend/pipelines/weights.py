@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ComponentWeights", "component_weights", "cut_short", "read_header"]
+__all__ = ["ComponentWeights", "component_weights", "cut_short", "read_header", "short_of"]
 
 # The weights file stem each library's from_pretrained looks for.
 STEMS = {"diffusers": ("diffusion_pytorch_model",), "transformers": ("model",)}
@@ -154,7 +154,16 @@ def cut_short(path: Path) -> str | None:
     """None when the safetensors file holds every byte its header promises, else what is
     wrong with it (a partial download is the usual cause)."""
     try:
-        header, start, size = read_header(path)
+        return short_of(*read_header(path))
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    except ValueError as exc:
+        return str(exc)
+
+
+def short_of(header: dict, start: int, size: int) -> str | None:
+    """`cut_short` for a header already read (`read_header`'s three values)."""
+    try:
         end = max(
             (
                 int(entry["data_offsets"][1])
@@ -163,11 +172,7 @@ def cut_short(path: Path) -> str | None:
             ),
             default=0,
         )
-    except OSError as exc:
-        return f"unreadable ({exc.strerror or exc})"
-    except ValueError as exc:
-        return str(exc)
-    except (TypeError, KeyError, IndexError, AttributeError):
+    except (TypeError, KeyError, IndexError, AttributeError, ValueError):
         return "not a safetensors file (its header does not parse)"
     expected = start + end
     if size < expected:
