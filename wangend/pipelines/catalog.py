@@ -14,6 +14,8 @@ from typing import Literal
 import msgspec
 from msgspec import Struct
 
+from .checkpoints import file_identity
+
 __all__ = [
     "CONDITIONAL_FIELDS",
     "FAMILIES",
@@ -117,8 +119,6 @@ class ModelRecord(Struct, frozen=True, kw_only=True):
         is another file). Equal load sources share a warm pipeline."""
         if not self.files:
             return self.source
-        from .checkpoints import file_identity
-
         files = (f"{part}={path}@{file_identity(path)}" for part, path in self.files)
         return " + ".join([self.source, *files])
 
