@@ -242,7 +242,13 @@ def test_config_check_says_which_model_files_cannot_be_used(tmp_path: Path) -> N
     assert checked.exit_code == 0, checked.output
     assert "warning: models.gone: model gone: transformer file" in checked.stderr
     assert "no such file" in checked.stderr
-    assert "1 of the [models] cannot be used now" in checked.stdout
+    assert "1 of the models named cannot be used now" in checked.stdout
+    (tmp_path / "half").mkdir()
+    path.write_text(f'state_dir = "{tmp_path / "state"}"\nmodel = "{tmp_path / "half"}"\n')
+    default = CliRunner().invoke(cli_app, ["config", "check", "--config", str(path)])
+    assert default.exit_code == 0, default.output
+    assert f"warning: model {tmp_path / 'half'} (the default): model folder" in default.stderr
+    assert "missing model_index.json" in default.stderr
     path.write_text('[models.empty]\nbase = "tiny"\ntransformer = ""\n')
     empty = CliRunner().invoke(cli_app, ["config", "check", "--config", str(path)])
     assert empty.exit_code == 2 and "models.empty.transformer" in empty.output

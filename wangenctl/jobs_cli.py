@@ -87,6 +87,12 @@ def model_argument(model: str | None) -> str | None:
         or ("/" in model and path.is_dir())
     ):
         return os.path.abspath(path)
+    if "/" not in model and (path / "model_index.json").is_file():
+        typer.echo(
+            f"note: --model {model} names a model the daemon knows by that name (its models "
+            f"folder); for the folder here, write --model ./{model}",
+            err=True,
+        )
     return model
 
 

@@ -437,7 +437,9 @@ class HumanRenderer:
         for name in ("NAME", "FAMILY", "STATUS", "DESCRIPTION"):
             table.add_column(name, overflow="fold")
         for m in models:
-            flags = ["loaded" if m.loaded else "available" if m.available else "not on disk"]
+            # A model that does not resolve is listed with family "unknown" and the reason.
+            missing = "unusable" if m.family == "unknown" else "not on disk"
+            flags = ["loaded" if m.loaded else "available" if m.available else missing]
             if m.default:
                 flags.append("default")
             about = m.description or m.source

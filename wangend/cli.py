@@ -144,7 +144,6 @@ def token(config: ConfigOpt = None, state_dir: StateOpt = None) -> None:
 def config_check(config: ConfigOpt = None) -> None:
     """Validate the config (file, env, defaults); exit 2 naming the bad key."""
     cfg = _load(config)
-    from .errors import ModelUnavailable
     from .pipelines.registry import ModelRegistry
 
     try:
@@ -152,14 +151,11 @@ def config_check(config: ConfigOpt = None) -> None:
     except ConfigError as exc:
         typer.echo(f"wangend: {exc}", err=True)
         raise typer.Exit(2) from None
-    unusable = 0
-    for name in cfg.models:  # the daemon starts anyway; jobs naming these are refused
-        try:
-            registry.resolve(name)
-        except ModelUnavailable as exc:
-            typer.echo(f"wangend: warning: models.{name}: {exc.message}", err=True)
-            unusable += 1
-    note = f"; {unusable} of the [models] cannot be used now" if unusable else ""
+    unusable = registry.unusable([cfg.model, *cfg.models])
+    for name, why in unusable.items():
+        where = f"models.{name}" if name in cfg.models else f"model {name} (the default)"
+        typer.echo(f"wangend: warning: {where}: {why}", err=True)
+    note = f"; {len(unusable)} of the models named cannot be used now" if unusable else ""
     typer.echo(f"config ok (state dir {cfg.state_dir}){note}")
 
 

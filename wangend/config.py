@@ -128,7 +128,7 @@ class ModelFiles(Section):
     description: str = ""
 
 
-# A [models.NAME] name: what a folder in the models directory may be called.
+# A [models.NAME] name: letters, digits, '.', '_', '-' (safe to type in any shell).
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 

@@ -154,7 +154,7 @@ def test_mag_cache_measures_ratios_then_uses_them(
     assert "no magnitude ratios" in notes[0] and len(ratios) == job.steps
     assert calls == uncached[1]
     np.testing.assert_array_equal(first, uncached[0])
-    source = manager.registry.resolve(job.model).source
+    source = manager.registry.resolve(job.model).load_source
     assert manager.mag_ratios.get(source) == tuple(ratios)
     _, cached_calls, notes, _ = run(manager, job, options)
     assert notes == [] and 0 < cached_calls < uncached[1]

@@ -11,8 +11,6 @@ give exactly the frames of the plain folder.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -36,46 +34,13 @@ from wangend.protocol import GenerateSpec
 from ..support.harness import DaemonProcess
 from ..support.wire import job_event
 from .conftest import RecordingHooks
+from .folder_tools import COMMIT, cut, edit_index, hub_cache, plain_copy
 
 SMALL = {"width": 32, "height": 32, "frames": 5, "steps": 2}
-COMMIT = "5f0c2d1e9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d"
 TERMINAL = ("job.succeeded", "job.failed", "job.aborted")
 
 
 # --- building the folders ------------------------------------------------------------
-
-
-def plain_copy(source: Path, target: Path) -> Path:
-    """A tiny model folder as a stranger's folder: without wangend's tiny marker."""
-    shutil.copytree(source, target)
-    (target / "wangend-tiny.json").unlink()
-    return target
-
-
-def hub_cache(source: Path, cache: Path, repo: str) -> Path:
-    """`source` stored the way huggingface_hub stores a download: every file a blob named
-    by its sha256, the snapshot a tree of relative symlinks into blobs/, refs/main
-    naming the snapshot. Returns the `models--Org--Name` folder."""
-    root = cache / ("models--" + repo.replace("/", "--"))
-    snapshot = root / "snapshots" / COMMIT
-    (root / "blobs").mkdir(parents=True)
-    (root / "refs").mkdir()
-    (root / "refs" / "main").write_text(COMMIT)
-    for path in sorted(p for p in source.rglob("*") if p.is_file()):
-        data = path.read_bytes()
-        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        link = snapshot / path.relative_to(source)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    return root
-
-
-def edit_index(folder: Path, **changes: object) -> None:
-    index_path = folder / "model_index.json"
-    index = json.loads(index_path.read_text())
-    index.update(changes)
-    index_path.write_text(json.dumps(index, indent=2))
 
 
 @pytest.fixture(scope="module")
@@ -180,11 +145,6 @@ def frames_of(manager: ProductionManager, model: str, **spec: object) -> np.ndar
 def reference(manager: ProductionManager, shelf: dict[str, Path]) -> np.ndarray:
     """The frames of the plain folder: every relayout of the same weights must match."""
     return frames_of(manager, str(shelf["plain"]))
-
-
-def cut(path: Path, size: int) -> None:
-    """What an interrupted download leaves: the first `size` bytes."""
-    path.write_bytes(path.read_bytes()[:size])
 
 
 def weight_bytes(folder: Path) -> int:
@@ -369,22 +329,26 @@ def test_a_missing_part_is_refused_at_enqueue_by_name(
     assert named in info.value.message and "incomplete" in info.value.message
 
 
-def test_a_cut_short_weights_file_fails_the_load_by_name(
+def test_a_cut_short_weights_file_is_named_at_enqueue_and_at_load(
     manager: ProductionManager, shelf: dict[str, Path], tmp_path: Path
 ) -> None:
     folder = shutil.copytree(shelf["sharded"], tmp_path / "cut")
     shard = sorted((folder / "transformer").glob("*.safetensors"))[1]
     size = shard.stat().st_size
+    record = manager.registry.resolve(str(folder))  # queued while whole
     cut(shard, size // 2)
-    with pytest.raises(JobFailure) as info:
-        load(manager, str(folder))
+    named = f"transformer/{shard.name}: cut short: {size // 2} of {size} bytes"
+    with pytest.raises(ModelUnavailable) as refused:
+        manager.registry.resolve(str(folder))
+    assert named in refused.value.message
+    manager.release()
+    with pytest.raises(JobFailure) as info:  # cut after it was queued
+        manager.ensure(record, EngineOptions(dtype="float32"), RecordingHooks())
     assert info.value.kind == "ModelUnavailable"
-    assert f"transformer/{shard.name}: cut short: {size // 2} of {size} bytes" in (
-        info.value.message
-    )
+    assert named in info.value.message
     shard.write_bytes(b"\x00" * 5)  # not even a header
-    with pytest.raises(JobFailure, match=rf"transformer/{shard.name}: cut short or not"):
-        load(manager, str(folder))
+    with pytest.raises(ModelUnavailable, match=rf"transformer/{shard.name}: cut short or not"):
+        manager.registry.resolve(str(folder))
 
 
 def test_a_daemon_fails_only_the_jobs_whose_folders_broke(

@@ -100,6 +100,19 @@ def test_a_model_folder_given_relative_reaches_the_daemon_absolute(
         assert model_argument(typed) == typed
 
 
+def test_a_bare_name_that_is_a_model_folder_here_gets_a_note(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bare name means the daemon's models folder; the folder of that name here needs ./"""
+    (tmp_path / "mywan").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert model_argument("mywan") == "mywan"
+    assert capsys.readouterr().err == ""  # not a model folder: no note
+    (tmp_path / "mywan" / "model_index.json").write_text("{}")
+    assert model_argument("mywan") == "mywan"
+    assert "for the folder here, write --model ./mywan" in capsys.readouterr().err
+
+
 # --- refused before the daemon is asked (exit 2, no daemon needed) -----------------------
 
 

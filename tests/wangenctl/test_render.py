@@ -223,3 +223,4 @@ def test_models_show_brackets_as_written_and_a_file_models_files(
     text = " ".join(" ".join(stdout_of(capsys, HumanRenderer().models, models)).split())
     assert "my [v2] merge (transformer: /ckpts/wan14b.safetensors)" in text
     assert "is itself a [models.*] model" in text
+    assert "stacked unknown unusable model stacked" in text  # on disk, but it cannot load

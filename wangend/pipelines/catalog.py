@@ -14,7 +14,7 @@ from typing import Literal
 import msgspec
 from msgspec import Struct
 
-from .checkpoints import file_identity
+from .weights import file_identity, folder_identity
 
 __all__ = [
     "CONDITIONAL_FIELDS",
@@ -48,6 +48,7 @@ PIPELINE_COMPONENTS: dict[str, tuple[str, ...]] = {
     "WanVideoToVideoPipeline": _WAN_PARTS[:-1],
     "WanVACEPipeline": _WAN_PARTS,
 }
+TINY_ROPE_SPAN = 32  # the tiny transformers' rope_max_seq_len: 512 px, 125 frames
 TINY_MARKER = "wangend-tiny.json"  # written by tiny.ensure_tiny_model
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Job fields that only some models take; every other field applies to all.
@@ -65,10 +66,13 @@ CONDITIONAL_FIELDS = (
 
 class SizeRules(Struct, frozen=True, kw_only=True):
     """What sizes the model accepts: width and height a multiple of `multiple` (VAE
-    stride x patch size), frames of the form `frame_step * k + 1` (temporal VAE stride)."""
+    stride x patch size), frames of the form `frame_step * k + 1` (temporal VAE stride),
+    and at most `span` latent positions along each axis when the transformer's rotary
+    table says so (its `rope_max_seq_len`: a larger grid fails inside the first step)."""
 
     multiple: int = 16
     frame_step: int = 4
+    span: int | None = None
 
 
 class Capabilities(Struct, frozen=True, kw_only=True):
@@ -114,13 +118,15 @@ class ModelRecord(Struct, frozen=True, kw_only=True):
 
     @property
     def load_source(self) -> str:
-        """What identifies the weights a load reads: the source, and any files that
-        replace its parts, each with its identity (a file replaced under the same name
-        is another file). Equal load sources share a warm pipeline."""
-        if not self.files:
-            return self.source
+        """What identifies the weights a load reads: the source (a folder with the
+        identity of its files: one whose files were replaced is another model), and any
+        files that replace its parts, each with its identity (a file replaced under the
+        same name is another file). Equal load sources share a warm pipeline."""
+        source = (
+            self.source if self.kind == "hub" else f"{self.source}@{folder_identity(self.source)}"
+        )
         files = (f"{part}={path}@{file_identity(path)}" for part, path in self.files)
-        return " + ".join([self.source, *files])
+        return " + ".join([source, *files])
 
 
 FAMILY_CAPABILITIES = {
@@ -213,6 +219,7 @@ def family_record(
     description: str, defaults: ModelDefaults, tiny: bool = False,
     pipeline: str | None = None, boundary_ratio: float | None = None,
     capabilities: Capabilities | None = None, multiple: int | None = None,
+    span: int | None = None,
 ) -> ModelRecord:  # fmt: skip
     """A record with the family's capabilities, pipeline and size rules filled in."""
     if boundary_ratio is None:
@@ -226,7 +233,7 @@ def family_record(
         kind=kind,
         description=description,
         defaults=defaults,
-        size=SizeRules(multiple=multiple or (32 if family == WAN22_TI2V else 16)),
+        size=SizeRules(multiple=multiple or (32 if family == WAN22_TI2V else 16), span=span),
         pipeline=pipeline or FAMILY_PIPELINES[family],
         tiny=tiny,
         capabilities=capabilities or FAMILY_CAPABILITIES[family],
@@ -241,7 +248,7 @@ def builtin_records(models_dir: Path) -> dict[str, ModelRecord]:
         "tiny": family_record(
             name="tiny", family=WAN21_T2V, source=str(models_dir / "tiny"), kind="builtin",
             description="tiny random Wan 2.1 T2V model built offline (demo and tests)",
-            defaults=TINY_DEFAULTS, tiny=True,
+            defaults=TINY_DEFAULTS, tiny=True, span=TINY_ROPE_SPAN,
         )
     }  # fmt: skip
     for name, family, hub_id, description, defaults in _REAL:
@@ -254,6 +261,6 @@ def builtin_records(models_dir: Path) -> dict[str, ModelRecord]:
             records[name] = family_record(
                 name=name, family=family, source=str(models_dir / name), kind="builtin",
                 description=f"tiny random {family} model built offline (demo and tests)",
-                defaults=TINY_DEFAULTS, tiny=True,
+                defaults=TINY_DEFAULTS, tiny=True, span=TINY_ROPE_SPAN,
             )  # fmt: skip
     return records

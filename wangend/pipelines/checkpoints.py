@@ -37,7 +37,6 @@ __all__ = [
     "TransformerFile",
     "check_file",
     "check_fits",
-    "file_identity",
     "inspect_transformer",
     "load_transformer",
 ]
@@ -76,17 +75,6 @@ class TransformerFile:
         if self.image_embedding:
             parts.append("an image embedder")
         return ", ".join(parts)
-
-
-def file_identity(path: str | Path) -> str:
-    """inode, size and modification time: a file replaced under the same name (renamed
-    over, or rewritten) reads as another file, so a warm model or a resume point made
-    from the old one is not taken for the new one's."""
-    try:
-        st = Path(path).stat()
-    except OSError:
-        return "missing"
-    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def _refuse(path: Path, why: str) -> CheckpointProblem:

@@ -34,6 +34,7 @@ CONFIG_ONLY = ("scheduler", "tokenizer", "image_processor")
 
 __all__ = [
     "check_folder",
+    "conflicts",
     "damaged_weights",
     "detect",
     "hub_cached",
@@ -157,6 +158,83 @@ def damaged_weights(folder: Path, replaced: Collection[str] = ()) -> list[str]:
     return damaged
 
 
+def conflicts(index: dict, read: Callable[[str], dict | None]) -> list[str]:
+    """What in a folder's files contradicts the rest, each as a sentence: the pipeline
+    class against its transformer (input channels, VACE layers), Wan 2.2's keys against
+    the experts present, a scheduler the Wan pipelines cannot drive. Every one of these
+    loads, then fails mid-run with a tensor-shape error; refused up front, the user
+    learns which file to fix. `read` as for `detect`; a config it lacks is not judged."""
+    problems: list[str] = []
+    pipeline = index.get("_class_name")
+    present = listed_components(index)
+    z_dim = (read("vae/config.json") or {}).get("z_dim", 16)
+    image = pipeline == "WanImageToVideoPipeline"
+    expected = 2 * z_dim + 4 if image else z_dim
+    kinds = {z_dim: "a text-to-video", 2 * z_dim + 4: "an image-to-video"}
+    for part in ("transformer", "transformer_2"):
+        config = read(f"{part}/config.json") if part in present else None
+        if config is None:
+            continue
+        channels = config.get("in_channels")
+        if isinstance(channels, int) and channels != expected:
+            why = f"{z_dim} latent channels" + (", twice, and 4 for the mask" if image else "")
+            guess = f" ({kinds[channels]} transformer)" if channels in kinds else ""
+            problems.append(
+                f"{pipeline} needs a {part} with {expected} input channels ({why}); "
+                f"{part}/config.json has {channels}{guess}"
+            )
+        vace = bool(config.get("vace_layers"))
+        if pipeline == "WanVACEPipeline" and not vace:
+            problems.append(
+                f"WanVACEPipeline needs a VACE transformer; {part}/config.json has no vace_layers"
+            )
+        elif vace and pipeline != "WanVACEPipeline":
+            problems.append(
+                f"{part}/config.json is a VACE transformer (it has vace_layers); "
+                f"model_index.json names {pipeline}, not WanVACEPipeline"
+            )
+    if "transformer_2" in present and "transformer" not in present:
+        problems.append(
+            "model_index.json lists transformer_2 (Wan 2.2's low-noise expert) but no "
+            "transformer (the high-noise one)"
+        )
+    boundary = index.get("boundary_ratio")
+    if boundary is not None:
+        if isinstance(boundary, bool) or not isinstance(boundary, int | float):
+            problems.append(f"model_index.json's boundary_ratio {boundary!r} is not a number")
+        elif not 0 < boundary <= 1:
+            problems.append(f"model_index.json's boundary_ratio must be in (0, 1], not {boundary}")
+        elif "transformer_2" not in present:
+            problems.append(
+                "model_index.json sets boundary_ratio (where Wan 2.2 switches to its second "
+                "expert) but lists no transformer_2"
+            )
+    problem = _scheduler_problem(read("scheduler/scheduler_config.json"))
+    if problem:
+        problems.append(problem)
+    return problems
+
+
+def _scheduler_problem(config: dict | None) -> str | None:
+    """Why a scheduler config cannot drive the Wan pipelines, or None. They call
+    `set_begin_index`, which DDIM, DDPM, PNDM and the like lack."""
+    if config is None:
+        return None
+    import diffusers
+
+    name = config.get("_class_name")
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        return f"scheduler/scheduler_config.json names {name!r}, which is not a diffusers scheduler"
+    if not hasattr(cls, "set_begin_index"):
+        return (
+            f"scheduler {name} cannot drive the Wan pipelines (it has no set_begin_index); "
+            "Wan folders use FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler or "
+            "DPMSolverMultistepScheduler"
+        )
+    return None
+
+
 def detect(index: dict, read: Callable[[str], dict | None]) -> dict:
     """Family and model facts from a folder's model_index.json; `read("vae/config.json")`
     gives a component config (or None). Returns the family_record keyword arguments."""
@@ -190,6 +268,7 @@ def detect(index: dict, read: Callable[[str], dict | None]) -> dict:
         "boundary_ratio": boundary if two else None,
         "capabilities": capabilities,
         "multiple": multiple,
+        "span": span if isinstance(span := main.get("rope_max_seq_len"), int) else None,
     }
 
 

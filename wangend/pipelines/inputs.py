@@ -261,3 +261,15 @@ def check_size(record: ModelRecord, width: int, height: int, frames: int) -> Non
             f"{frames} is not, try {lower} or {lower + k}",
             field="$.params.frames",
         )
+    span = record.size.span
+    if span is None:
+        return
+    largest = {"width": span * m, "height": span * m, "frames": (span - 1) * k + 1}
+    for field, value in (("width", width), ("height", height), ("frames", frames)):
+        if value > largest[field]:
+            raise InvalidParams(
+                f"{field} {value} is more than {record.name} takes: at most "
+                f"{largest[field]} (its transformer's rotary table covers {span} latent "
+                "positions along each axis)",
+                field=f"$.params.{field}",
+            )

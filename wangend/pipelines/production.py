@@ -59,6 +59,7 @@ from .checkpoints import CheckpointProblem, check_file, load_transformer
 from .control import JobAborted, RunHooks
 from .folders import damaged_weights, listed_components, read_json
 from .hub import download_snapshot
+from .mappings import copy_mapped_tensors
 from .registry import ModelRecord, ModelRegistry, check_folder
 from .tiny import ensure_tiny_model
 from .weights import component_weights
@@ -239,6 +240,8 @@ class ProductionManager:
             self._model = record.name
             return self._pipe
         reason = "cold" if self._pipe is None else "switch"
+        if self._key is not None and self._key[1:] == key[1:] and self._model == record.name:
+            reason = "changed"  # the same model and settings: its files changed on disk
         data: dict[str, Any] = {
             "source": record.source,
             **({"files": dict(record.files)} if record.files else {}),
@@ -263,6 +266,8 @@ class ProductionManager:
         else:
             assert folder is not None
             pipe = self._load(record, folder, options, hooks, data, checkpoint)
+            # As loaded: a tiny model built just now has files it lacked before.
+            key = (record.load_source, self._device, *options.load_key)
         self._pipe, self._key, self._model = pipe, key, record.name
         self._compiled_shapes = set()
         hooks.model_loaded(
@@ -440,10 +445,12 @@ class ProductionManager:
         hooks.model_loading(name, dict(progress))
         torch_dtype = getattr(torch, options.dtype)
         components: dict[str, Any] = {}
+        reading = "model_index.json"  # what a failure names
         try:
             try:
                 for index, (part, library, cls_name, variant, size) in enumerate(plan, start=1):
                     checkpoint()
+                    reading = f"{part} ({library}.{cls_name})"
                     # The VAE stays in float32 under half precision: Wan's VAE decodes
                     # visibly worse in bf16 and is small next to the transformer.
                     dtype = torch.float32 if part == "vae" else torch_dtype
@@ -463,6 +470,7 @@ class ProductionManager:
                         bytes_loaded=progress["bytes_loaded"] + size,
                     )
                     hooks.model_loading(name, dict(progress))
+                reading = f"the {record.pipeline} from its parts"
                 pipeline_cls = getattr(diffusers, record.pipeline)
                 pipe = pipeline_cls.from_pretrained(
                     folder, **components, local_files_only=True, use_safetensors=True
@@ -472,9 +480,13 @@ class ProductionManager:
             except Exception as exc:
                 raise JobFailure(
                     "ModelUnavailable",
-                    f"model {name} could not be loaded from {folder}: {one_line(exc)}",
+                    f"model {name} could not be loaded from {folder}: {reading}: {one_line(exc)}",
                 ) from exc
             components.clear()
+            if self._device == "cpu" or options.memory_profile != "none":
+                # The weights stay in host memory: none may go on mapping its file
+                # (mappings.py: a rewritten file would change or kill the warm model).
+                copy_mapped_tensors(pipe.components.values())
             apply_load_settings(pipe, options, self._device)
         except OOM_ERRORS as exc:
             components.clear()

@@ -17,12 +17,15 @@ Where a folder is expected, a Hugging Face cache folder (`models--Org--Name`) st
 the snapshot its refs/main names (folders.snapshot_folder).
 
 Anything else is refused at enqueue time with ModelUnavailable, and a local folder is
-checked for its parts then too, so a job never waits in the queue only to fail on a
-missing `transformer/`. A folder's family is read from its own files (model_index.json's
-`_class_name`, `transformer_2`, `image_encoder`, `boundary_ratio`, `expand_timesteps`,
-the VAE's `z_dim`), so a Wan folder wangend never saw still gets the right inputs,
-defaults and size rules. Checks here are cheap (stat and small JSON reads): the registry
-is asked on every enqueue and by `models`.
+checked then too, so a job never waits in the queue only to fail at load: for its parts
+(a missing `transformer/`), for weights cut short (their headers), and for parts that do
+not fit together (folders.conflicts: a pipeline class its transformer cannot run, half
+of Wan 2.2's keys, a scheduler the pipelines cannot drive). A folder's family is read
+from its own files (model_index.json's `_class_name`, `transformer_2`, `image_encoder`,
+`boundary_ratio`, `expand_timesteps`, the VAE's `z_dim`), so a Wan folder wangend never
+saw still gets the right inputs, defaults and size rules. Checks here are cheap (stat
+calls, small JSON reads, the weights' headers): the registry is asked on every enqueue
+and by `models`, both off the event loop.
 
 Video-to-video has no name of its own: any Wan 2.1 T2V model given a `video` runs
 through `WanVideoToVideoPipeline` built on the same loaded components.
@@ -31,8 +34,7 @@ through `WanVideoToVideoPipeline` built on the same loaded components.
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 
 import msgspec
@@ -60,6 +62,8 @@ from .catalog import (
 from .checkpoints import CheckpointProblem, check_file
 from .folders import (
     check_folder,
+    conflicts,
+    damaged_weights,
     detect,
     hub_cached,
     hub_reader,
@@ -123,7 +127,7 @@ class ModelRegistry:
         path = written_path(name)
         if path is not None:
             return self._local(path, name=str(path), replaced=replaced)
-        if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        if name and "/" not in name and not name.startswith("."):  # as `models` lists it
             folder = self.models_dir / name
             if is_model_folder(folder):
                 return self._local(folder, name=name, replaced=replaced)
@@ -146,6 +150,13 @@ class ModelRegistry:
         when there is one, else Wan 2.1 T2V (the commonest fine-tune base)."""
         read = hub_reader(repo_id)
         index = read("model_index.json")
+        problems = conflicts(index, read) if index else []
+        if problems:
+            raise ModelUnavailable(
+                f"model {repo_id} (Hugging Face cache) does not fit together: "
+                f"{'; '.join(problems)}",
+                {"model": repo_id, "conflicts": problems},
+            )
         facts = detect(index, read) if index else {"family": WAN21_T2V}
         if facts.get("pipeline") not in SUPPORTED_PIPELINES:
             facts["pipeline"] = None
@@ -157,11 +168,23 @@ class ModelRegistry:
 
     def _local(self, folder: Path, name: str, replaced: Collection[str] = ()) -> ModelRecord:
         folder = folder.absolute()
+        if folder.is_file():
+            raise ModelUnavailable(
+                f"model {folder} is a file, not a diffusers folder; a single transformer "
+                "file (ComfyUI's, Wan2GP's) becomes a model through a [models.NAME] table "
+                "naming it and a base model (docs/engine.md)",
+                {"model": name},
+            )
         if not folder.is_dir():
             raise ModelUnavailable(f"model folder {folder} does not exist", {"model": name})
         folder, problem = snapshot_folder(folder)
         if problem:
             raise ModelUnavailable(f"model folder {folder}: {problem}", {"model": name})
+        index = read_json(folder / "model_index.json")
+        if index is None and (folder / "model_index.json").is_file():
+            raise ModelUnavailable(
+                f"model folder {folder}: model_index.json is not a JSON object", {"model": name}
+            )
         pipeline, missing = check_folder(folder, replaced)
         if missing:
             raise ModelUnavailable(
@@ -169,14 +192,29 @@ class ModelRegistry:
                 {"model": name, "missing": missing},
             )
         if pipeline not in SUPPORTED_PIPELINES:
+            named = f"a {pipeline} pipeline" if pipeline else "no pipeline (_class_name)"
             raise ModelUnavailable(
-                f"model folder {folder} holds a {pipeline} pipeline; wangend runs "
+                f"model folder {folder}: its model_index.json names {named}; wangend runs "
                 f"{', '.join(SUPPORTED_PIPELINES)}",
                 {"model": name},
             )
-        facts = detect(
-            read_json(folder / "model_index.json") or {}, lambda p: read_json(folder / p)
-        )
+
+        def read(part: str) -> dict | None:
+            return read_json(folder / part)
+
+        problems = conflicts(index or {}, read)
+        if problems:
+            raise ModelUnavailable(
+                f"model folder {folder} does not fit together: {'; '.join(problems)}",
+                {"model": name, "conflicts": problems},
+            )
+        damaged = damaged_weights(folder, replaced)  # headers: a few KB a file
+        if damaged:
+            raise ModelUnavailable(
+                f"model folder {folder} has damaged weights: {'; '.join(damaged)}",
+                {"model": name, "damaged": damaged},
+            )
+        facts = detect(index or {}, read)
         family = facts.pop("family")
         tiny = (folder / TINY_MARKER).is_file()
         defaults = TINY_DEFAULTS if tiny else FAMILY_DEFAULTS[family]
@@ -230,6 +268,18 @@ class ModelRegistry:
             description=spec.description or f"{which} on {base.name} ({base.family})",
             files=tuple(parts),
         )
+
+    def unusable(self, names: Iterable[str]) -> dict[str, str]:
+        """name -> why, for each of `names` that does not resolve now (what `serve` and
+        `config check` warn about: the daemon starts anyway, and jobs naming these are
+        refused until they can be used)."""
+        problems: dict[str, str] = {}
+        for name in names:
+            try:
+                self.resolve(name)
+            except ModelUnavailable as exc:
+                problems[name] = exc.message
+        return problems
 
     def available(self, record: ModelRecord) -> bool:
         """On disk, in the HF cache, or buildable offline (tiny)."""

@@ -82,8 +82,9 @@ def fingerprint(job: Any, options: Any, device: str, scheduler: Any, weights: st
     """What must be equal for a point to be resumed: the resolved job (prompt, seed,
     sizes, steps, LoRAs, dtype...), the engine options, the device, the scheduler, and
     the diffusers and torch versions (an upgrade may change a solver's state or a
-    kernel, and the promise is the uninterrupted run's frames). `weights`: the identity
-    of single weight files (a file replaced under its name must not resume a point)."""
+    kernel, and the promise is the uninterrupted run's frames). `weights`: the model's
+    load source with the identity of its files (a folder or file replaced since must not
+    resume a point made from the old weights)."""
     import diffusers
 
     digest = hashlib.sha256(FORMAT.encode())

@@ -169,7 +169,7 @@ class GenerationRuntime:
             self.loras.hydrate(pipe, job.loras)  # none: adapters off, the base weights
         resume = None
         if self.resume is not None and options.step_cache != "mag":  # resume.py: why
-            weights = record.load_source if record.files else ""
+            weights = record.load_source  # a folder or file replaced since: not resumed
             mark = fingerprint(job, options, self.device, pipe.scheduler, weights)
             offset = job.steps - denoising_steps(job)
             resume = RunResume(self.resume, job_id, mark, offset=offset)

@@ -35,6 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .catalog import TINY_ROPE_SPAN
+
 __all__ = [
     "TINY_NAMES",
     "TINY_SEED",
@@ -148,7 +150,7 @@ def _transformer(
         num_layers=2,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
+        rope_max_seq_len=TINY_ROPE_SPAN,
         **extra,
     ).eval()
 

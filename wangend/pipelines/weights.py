@@ -22,12 +22,21 @@ so a Hugging Face cache snapshot (links into `blobs/`) reads like a plain folder
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ComponentWeights", "component_weights", "cut_short", "read_header", "short_of"]
+__all__ = [
+    "ComponentWeights",
+    "component_weights",
+    "cut_short",
+    "file_identity",
+    "folder_identity",
+    "read_header",
+    "short_of",
+]
 
 # The weights file stem each library's from_pretrained looks for.
 STEMS = {"diffusers": ("diffusion_pytorch_model",), "transformers": ("model",)}
@@ -140,7 +149,10 @@ def read_header(path: Path) -> tuple[dict, int, int]:
         head = handle.read(8)
         length = int.from_bytes(head, "little") if len(head) == 8 else -1
         if length < 0 or length > MAX_HEADER_BYTES or 8 + length > size:
-            raise ValueError(f"cut short or not safetensors ({size} bytes, no complete header)")
+            raise ValueError(
+                _stand_in(head + handle.read(64))
+                or (f"cut short or not safetensors ({size} bytes, no complete header)")
+            )
         try:
             header = json.loads(handle.read(length))
         except ValueError:
@@ -148,6 +160,15 @@ def read_header(path: Path) -> tuple[dict, int, int]:
     if not isinstance(header, dict):
         raise ValueError("not a safetensors file (its header does not parse)")
     return header, 8 + length, size
+
+
+def _stand_in(start: bytes) -> str | None:
+    """What a file that is no safetensors file is instead, when it is a known stand-in."""
+    if start.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the weights (fetch them: git lfs pull)"
+    if start.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        return "an HTML page, not the weights (a download that got an error page?)"
+    return None
 
 
 def cut_short(path: Path) -> str | None:
@@ -178,3 +199,38 @@ def short_of(header: dict, start: int, size: int) -> str | None:
     if size < expected:
         return f"cut short: {size} of {expected} bytes (an unfinished download?)"
     return None
+
+
+def file_identity(path: str | Path) -> str:
+    """inode, size and modification time: a file replaced under the same name (renamed
+    over, or rewritten) reads as another file, so a warm model or a resume point made
+    from the old one is not taken for the new one's."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return "missing"
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def folder_identity(folder: str | Path) -> str:
+    """A short digest of the identities of model_index.json and of every file one level
+    down (the components' configs, weights and tokenizer files): a warm model, or a
+    resume point, made from a folder whose files were since replaced (renamed over,
+    rewritten, another model moved in) is not taken for the folder's new contents.
+    Stat calls only; files beside model_index.json (a README, .git) do not count."""
+    folder = Path(folder)
+    paths = [folder / "model_index.json"]
+    try:
+        subs = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError:
+        subs = []
+    for sub in subs:
+        if sub.is_dir():
+            try:
+                paths.extend(sorted(p for p in sub.iterdir() if not p.name.startswith(".")))
+            except OSError:
+                continue
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(f"{path.relative_to(folder)}={file_identity(path)}\n".encode())
+    return digest.hexdigest()[:16]

@@ -149,6 +149,8 @@ class Daemon:
             self.engine = Engine(cfg)
         except ConfigError as exc:
             raise StartupError(f"config: {exc}", 2) from None
+        for name, why in self.engine.registry.unusable([cfg.model, *cfg.models]).items():
+            log.warning("model %s cannot be used now (jobs naming it are refused): %s", name, why)
         with database_errors(cfg.db_path):  # the first reads and the crash recovery
             self.bus = EventBus(
                 cfg.event_buffer,

@@ -124,7 +124,8 @@ def build_methods(services: Services) -> list[Method]:
         return services.controller.move(p.job, p.position)
 
     async def models(session: Session, p: None) -> ModelsResult:
-        return services.models()
+        # Every folder in the models directory is checked (configs, weights headers).
+        return await anyio.to_thread.run_sync(services.models)
 
     async def validate(session: Session, spec: JobSpec) -> ValidateResult:
         # Model and input checks read files: off the loop, so other clients stay served.
