@@ -56,7 +56,7 @@ def test_frame_range_and_max_size_show_in_the_plan(media: dict[str, Path]) -> No
         ({"start_frame": FRAMES}, "$.params.start_frame", "past"),
         ({"end_frame": FRAMES + 1}, "$.params.end_frame", "past"),
         ({"output_name": "../escape"}, "$.params.output_name", "not a path"),
-        ({"output_name": "{mask_type}"}, "$.params.output_name", "not supported"),
+        ({"output_name": "{mask_kind}"}, "$.params.output_name", "not supported"),
         ({"model": "/nonexistent/matanyone.pth"}, "$.params.model", "not found"),
         ({"model": "what-is-this"}, "$.params.model", "neither"),
     ],

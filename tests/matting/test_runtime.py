@@ -198,16 +198,40 @@ def test_silent_source_and_single_image(media: dict[str, Path], tmp_path: Path, 
 
 def test_save_masks_and_a_json_sidecar(media: dict[str, Path], tmp_path: Path, hooks) -> None:
     """The debug toggle keeps the mask the network started from (after erode/dilate),
-    and `metadata: json` puts the document next to the video instead of inside it."""
+    and `metadata: json` puts the document next to the video instead of inside it, and
+    next to the mask."""
+    from wangend.media.metadata import read_metadata
     from wangend.media.persistence import MediaPersistenceContext
 
-    runtime = MattingRuntime(tmp_path, "tiny", "cpu", MediaPersistenceContext(save_masks=True))
+    ctx = MediaPersistenceContext(save_masks=True, image_format="jpeg")
+    runtime = MattingRuntime(tmp_path, "tiny", "cpu", ctx)
     job = job_for(media, dilate=3, metadata="json")
-    video, sidecar, mask = (Path(p) for p in runtime.run(8, job, JobControl(), hooks))
-    assert sidecar.suffix == ".json" and mask.name == f"{video.stem}_mask.png"
+    video, sidecar, mask, mask_sidecar = (Path(p) for p in runtime.run(8, job, JobControl(), hooks))
+    assert sidecar.suffix == ".json" and mask.name == f"{video.stem}_mask.png"  # png: lossless
+    assert mask_sidecar.name == f"{video.stem}_mask.json"
     assert read_video_metadata(video) is None
+    assert read_metadata(mask)["role"] == "mask" and "role" not in read_metadata(video)
     with Image.open(mask) as image:
         saved = np.asarray(image)
     assert saved.shape == (H, W)
     given = np.asarray(Image.open(media["mask"]).convert("L")) >= 128
     assert (saved >= 128).sum() > given.sum()  # dilated: it grew
+
+
+def test_a_saved_mask_carries_the_document(media: dict[str, Path], tmp_path: Path, hooks) -> None:
+    """Embedded mode: the PNG's iTXt `wangend` chunk, as for any image output; the
+    source images are stored once, with the video."""
+    from wangend.media.metadata import read_metadata
+    from wangend.media.persistence import MediaPersistenceContext
+
+    ctx = MediaPersistenceContext(save_masks=True, embed_source_images=True)
+    runtime = MattingRuntime(tmp_path, "tiny", "cpu", ctx)
+    paths = [Path(p) for p in runtime.run(9, job_for(media), JobControl(), hooks)]
+    video, source, mask = paths
+    assert source.name == f"{video.stem}.source-1.png" and mask.name == f"{video.stem}_mask.png"
+    with Image.open(mask) as image:
+        image.load()
+        assert "wangend" in image.text
+    document = read_metadata(mask)
+    assert document["role"] == "mask" and document["job"] == 9
+    assert document["settings"] == read_metadata(video)["settings"]

@@ -136,3 +136,132 @@ def make_audio_source(
                 out.mux(video.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
             out.mux(video.encode(None))
     return path
+
+
+# --- sources with a click at a known time, and where the click lands in an output ------
+
+CLICK_RATE = 48_000
+AUDIO_FRAME = 1024 / CLICK_RATE  # one AAC frame: the tolerance the audit asked for
+FFMPEG = shutil.which("ffmpeg")
+
+
+def click_samples(
+    seconds: float, click_at: float, channels: int = 2, rate: int = CLICK_RATE
+) -> np.ndarray:
+    """(channels, n) float32: silence, then a 100 ms 1 kHz burst at `click_at`."""
+    t = np.arange(round(seconds * rate)) / rate
+    burst = np.where((t >= click_at) & (t < click_at + 0.1), 0.5 * np.sin(2 * np.pi * 1000 * t), 0)
+    return np.repeat(burst.astype(np.float32)[None], channels, axis=0)
+
+
+def make_click_source(
+    path: Path,
+    *,
+    click_at: float,
+    seconds: float = 3.0,
+    codec: str = "aac",
+    layout: str = "stereo",
+    fps: int | None = None,
+    frame_times: list[float] | None = None,
+    audio_delay: float = 0.0,
+    rate: int = CLICK_RATE,
+) -> Path:
+    """A file whose first audio track clicks at `click_at` seconds of its own audio.
+    `fps` (or `frame_times`, a variable rate) adds 32x32 pictures from t = 0, each a
+    different grey; `audio_delay` starts the audio track that much after them."""
+    samples = click_samples(seconds, click_at, av.AudioLayout(layout).nb_channels, rate)
+    with av.open(str(path), mode="w") as out:
+        video = None
+        if fps or frame_times:
+            video = out.add_stream("libx264", rate=fps or 25)
+            video.width, video.height, video.pix_fmt = 32, 32, "yuv420p"
+            if frame_times:
+                video.codec_context.time_base = video.time_base = Fraction(1, 1000)
+        audio = out.add_stream(codec, rate=rate)
+        audio.layout = layout
+        audio.codec_context.open()
+        fmt = audio.codec_context.format.name
+        size = audio.codec_context.frame_size or 1024
+        delay = round(audio_delay * rate)
+
+        def mux(packets: list[Any]) -> None:
+            for packet in packets:
+                if delay:
+                    packet.pts += delay
+                    packet.dts += delay
+                out.mux(packet)
+
+        for start in range(0, samples.shape[1], size):
+            chunk = samples[:, start : start + size]
+            if fmt.startswith(("s16", "s32")):
+                kind = np.int16 if fmt.startswith("s16") else np.int32
+                chunk = (chunk * np.iinfo(kind).max).astype(kind)
+            if not fmt.endswith("p"):
+                chunk = np.ascontiguousarray(chunk.T).reshape(1, -1)
+            frame = av.AudioFrame.from_ndarray(chunk, format=fmt, layout=layout)
+            frame.sample_rate, frame.pts = rate, start
+            frame.time_base = Fraction(1, rate)
+            mux(audio.encode(frame))
+        mux(audio.encode(None))
+        if video is not None:
+            times = frame_times or [i / fps for i in range(int(seconds * (fps or 0)))]
+            for i, t in enumerate(times):
+                grey = np.full((32, 32, 3), i * 7 % 256, np.uint8)
+                picture = av.VideoFrame.from_ndarray(grey, format="rgb24")
+                if frame_times:
+                    picture.pts, picture.time_base = round(t * 1000), Fraction(1, 1000)
+                out.mux(video.encode(picture))
+            out.mux(video.encode(None))
+    return path
+
+
+def first_picture_time(path: Path) -> float:
+    with av.open(str(path)) as container:
+        frame = next(container.decode(video=0))
+        return float(frame.pts * frame.time_base)
+
+
+def audio_onset(path: Path, threshold: float = 0.1) -> float | None:
+    """Seconds from the first picture (without video: the first sample) to the first
+    audio sample above `threshold`, by the timestamps the demuxer and decoder give (edit
+    lists, priming and skip marks honoured), as a player would play it."""
+    with av.open(str(path)) as container:
+        start = first_picture_time(path) if container.streams.video else None
+        for frame in container.decode(audio=0):
+            if start is None:
+                start = float(frame.pts * frame.time_base)
+            data = frame.to_ndarray()
+            if not frame.format.is_planar:
+                data = data.reshape(-1, frame.layout.nb_channels).T
+            if data.dtype.kind in "iu":
+                data = data / float(np.iinfo(data.dtype).max)
+            hits = np.flatnonzero(np.abs(data).max(axis=0) > threshold)
+            if hits.size:
+                return float(frame.pts * frame.time_base) + hits[0] / frame.sample_rate - start
+    return None
+
+
+def ffmpeg_onset(path: Path, threshold: float = 0.1) -> float | None:
+    """The first loud sample of the first audio track as the ffmpeg tool decodes it from
+    its start (an independent decoder; the audit's onset.py)."""
+    assert FFMPEG is not None
+    raw = subprocess.run(
+        [FFMPEG, "-v", "error", "-i", str(path), "-map", "0:a:0", "-ac", "1", "-ar", "48000",
+         "-f", "f32le", "-"],
+        capture_output=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    data = np.frombuffer(raw, np.float32)
+    hits = np.flatnonzero(np.abs(data) > threshold)
+    return hits[0] / 48000 if hits.size else None
+
+
+def audio_stream_info(path: Path) -> dict[str, Any]:
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        context = stream.codec_context
+        return {
+            "codec": context.codec.canonical_name,
+            "channels": context.layout.nb_channels,
+            "layout": context.layout.name,
+            "rate": context.sample_rate,
+        }

@@ -54,6 +54,17 @@ def test_matting_jobs_use_the_input_name() -> None:
     assert render(DEFAULT_OUTPUT_NAME, job) == "20250102-030405_tiny_0"
 
 
+def test_mask_type_names_the_matting_output() -> None:
+    """The matting default, `{date}_{input}_{mask_type}`, says what the video holds; a
+    generation has no mask type ("none", like `{input}` without an input)."""
+    from wangend.matting.inputs import DEFAULT_OUTPUT_NAME as MATTING_DEFAULT
+
+    check_output_name(MATTING_DEFAULT)
+    job = make_matting(mask_type="greenscreen")
+    assert render(MATTING_DEFAULT, job) == "20250102-030405_dancer-take-2_greenscreen"
+    assert render("{input}_{mask_type}") == "none_none"
+
+
 @pytest.mark.parametrize(
     "template",
     [

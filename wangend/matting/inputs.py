@@ -34,7 +34,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OUTPUT_NAME = "{date}_{input}_matte"
+DEFAULT_OUTPUT_NAME = "{date}_{input}_{mask_type}"
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 IMAGE_FPS = 25.0  # a single image becomes a one-frame video at this rate
 OUTPUT_FOLDER = "mask_outputs"
@@ -97,11 +97,21 @@ def _existing_file(value: str, field: str, what: str) -> Path:
 
 
 class MattingInputs:
-    """Resolves matting specs against the `[matanyone]` config (the default weights)."""
+    """Resolves matting specs against the `[matanyone]` config (the default weights)
+    and the daemon's default metadata mode."""
 
-    def __init__(self, config: MatAnyOneConfig, access: InputAccess | None = None) -> None:
+    def __init__(
+        self,
+        config: MatAnyOneConfig,
+        access: InputAccess | None = None,
+        *,
+        metadata_default: str = "embedded",
+    ) -> None:
+        """`metadata_default`: `[media] metadata`, for jobs that do not say (as for
+        generation jobs)."""
         self.config = config
         self.access = access or InputAccess()
+        self.metadata_default = metadata_default
 
     def resolve(self, spec: MatAnyOneSpec) -> ResolvedMatAnyOne:
         source = self.access.check(spec.input, "$.params.input", "input").resolve()
@@ -154,7 +164,7 @@ class MattingInputs:
             rgba_zip=spec.rgba_zip,
             reattach_audio=spec.reattach_audio,
             output_name=output_name,
-            metadata=spec.metadata or "embedded",
+            metadata=spec.metadata or self.metadata_default,
             inputs_sha256={"input": sha256_file(source), "mask": sha256_file(mask_path)},
         )
 

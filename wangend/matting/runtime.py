@@ -13,9 +13,11 @@ check, so an aborted job leaves no file behind.
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,16 +25,27 @@ import torch.nn.functional as F
 from ..errors import JobFailure
 from ..media.metadata import MetadataState
 from ..media.naming import render_output_name
-from ..media.persistence import MediaPersistenceContext, write_image, write_video
+from ..media.persistence import (
+    MediaPersistenceContext,
+    encoded_size,
+    write_image,
+    write_video,
+)
 from ..pipelines.control import JobControl, RunHooks
 from ..protocol import ResolvedMatAnyOne
 from .engine import MattingEngine
-from .inputs import IMAGE_SUFFIXES, OUTPUT_FOLDER, load_mask, mask_warnings
+from .inputs import IMAGE_FPS, IMAGE_SUFFIXES, OUTPUT_FOLDER, load_mask, mask_warnings
 from .network import MatAnyOneNet
 from .postprocess import composite, refine_mask, write_rgba_zip
 from .weights import WeightsError, build_network
 
-__all__ = ["MattingRuntime", "decode_frames", "processing_size"]
+__all__ = [
+    "MattingRuntime",
+    "decode_frames",
+    "decode_timed_frames",
+    "processing_size",
+    "variable_timestamps",
+]
 
 MAX_STEM_BYTES = 180
 
@@ -48,23 +61,44 @@ def processing_size(width: int, height: int, max_size: int | None) -> tuple[int,
 
 def decode_frames(path: Path, start: int, end: int) -> np.ndarray:
     """Frames [start, end) as (F, H, W, 3) uint8 RGB."""
+    return decode_timed_frames(path, start, end)[0]
+
+
+def decode_timed_frames(path: Path, start: int, end: int) -> tuple[np.ndarray, list[float]]:
+    """Frames [start, end) as (F, H, W, 3) uint8 RGB, and the time of each in seconds on
+    the source's own timeline (a still image: [0.0])."""
     if path.suffix.lower() in IMAGE_SUFFIXES:
         from PIL import Image
 
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))[None].copy()
+            return np.asarray(img.convert("RGB"))[None].copy(), [0.0]
     import av
 
     out: list[np.ndarray] = []
+    times: list[float] = []
     with av.open(str(path)) as container:
-        for i, frame in enumerate(container.decode(video=0)):
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or IMAGE_FPS
+        first = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
+        for i, frame in enumerate(container.decode(stream)):
             if i >= end:
                 break
             if i >= start:
                 out.append(frame.to_ndarray(format="rgb24"))
+                known = frame.pts is not None and frame.time_base is not None
+                times.append(float(frame.pts * frame.time_base) if known else first + i / rate)
     if len(out) != end - start:
         raise ValueError(f"expected {end - start} frames from {path}, decoded {len(out)}")
-    return np.stack(out)
+    return np.stack(out), times
+
+
+def variable_timestamps(times: list[float], fps: float) -> list[float] | None:
+    """None when the frames lie on a constant `fps` grid (within half a frame, so the
+    output at `fps` stays in sync with the sound), else the times to write them at.
+    Times that do not increase (a broken source) cannot be kept: None too."""
+    steady = all(abs(t - times[0] - i / fps) <= 0.5 / fps for i, t in enumerate(times))
+    increasing = all(b > a for a, b in itertools.pairwise(times))
+    return None if steady or not increasing else times
 
 
 def _pad16(x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +162,7 @@ class MattingRuntime:
         started = time.perf_counter()
         net = self.network(job.model or self.default_weights, job.seed, hooks)
         try:
-            frames = decode_frames(Path(job.input), job.start_frame, job.end_frame)
+            frames, times = decode_timed_frames(Path(job.input), job.start_frame, job.end_frame)
             mask = load_mask(Path(job.mask))
         except Exception as exc:
             raise JobFailure("InvalidInput", f"cannot read the inputs: {exc}") from None
@@ -142,7 +176,7 @@ class MattingRuntime:
         control.check_abort()  # the last chance: from here on files get written
         hooks.progress(n, n, "saving")
         started = time.perf_counter()
-        paths = self._save(job_id, job, frames, alpha, mask, timings)
+        paths = self._save(job_id, job, frames, times, alpha, mask, timings)
         timings["save"] = time.perf_counter() - started
         return [str(p) for p in paths]
 
@@ -195,6 +229,7 @@ class MattingRuntime:
         job_id: int,
         job: ResolvedMatAnyOne,
         frames: np.ndarray,
+        times: list[float],
         alpha: np.ndarray,
         mask: np.ndarray,
         timings: dict[str, float],
@@ -202,35 +237,53 @@ class MattingRuntime:
         mask_shape = mask.shape
         folder = self.output_dir / OUTPUT_FOLDER
         stem = render_output_name(job.output_name, job_id=job_id, job=job)
+        warnings = mask_warnings((mask_shape[1], mask_shape[0]), (job.width, job.height))
+        video_size = encoded_size(job.width, job.height, self.media.pix_fmt)
+        if video_size != (job.width, job.height):
+            warnings.append(
+                f"the video is {video_size[0]}x{video_size[1]}: {self.media.pix_fmt} needs even "
+                "sides, so the last column or row is repeated; the source and the RGBA ZIP are "
+                f"{job.width}x{job.height} (crop the video to overlay it, or use yuv444p)"
+            )
         state = MetadataState.for_run(
             job_id, job, timings=timings, device=self.device, frames=alpha
         ).with_fields(
             weights=self._net_source,
             processing_size=list(processing_size(job.width, job.height, job.max_size)),
-            warnings=mask_warnings((mask_shape[1], mask_shape[0]), (job.width, job.height)),
+            warnings=warnings,
         )
         is_video = Path(job.input).suffix.lower() not in IMAGE_SUFFIXES
         audio = job.input if job.reattach_audio and is_video else None
         written = write_video(
-            composite(frames, alpha, job.mask_type), folder, stem, job.fps, self.media, state, audio
-        )
+            composite(frames, alpha, job.mask_type), folder, stem, job.fps, self.media, state,
+            audio, audio_start=times[0], timestamps=variable_timestamps(times, job.fps),
+        )  # fmt: skip
         paths = list(written)
         if job.rgba_zip:
             policy = self.media.retry_policy
             paths.append(write_rgba_zip(frames, alpha, folder, f"{written[0].stem}_rgba", policy))
         if self.media.save_masks:  # the debug toggle: the mask the network really started from
-            paths += self._save_mask(job, mask, folder, f"{written[0].stem}_mask")
+            mask_state = state.with_fields(role="mask")
+            paths += self._save_mask(job, mask, folder, f"{written[0].stem}_mask", mask_state)
         return paths
 
     def _save_mask(
-        self, job: ResolvedMatAnyOne, mask: np.ndarray, folder: Path, stem: str
+        self,
+        job: ResolvedMatAnyOne,
+        mask: np.ndarray,
+        folder: Path,
+        stem: str,
+        state: MetadataState,
     ) -> list[Path]:
-        """The first-frame mask after resizing to the frames and erode/dilate, as a PNG."""
+        """The first-frame mask after resizing to the frames and erode/dilate, as a PNG
+        (lossless whatever `image_format` says: a mask's edges are the point) carrying
+        the job's document like any output (`role: "mask"`). The source images are
+        stored once, with the video."""
         m = torch.from_numpy(mask)
         if m.shape != (job.height, job.width):
             size = (job.height, job.width)
             m = F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
         refined = refine_mask(m, job.dilate, job.erode).clamp(0, 1).numpy()
         pixels = np.clip(np.rint(refined * 255.0), 0, 255).astype(np.uint8)
-        plain = MetadataState(mode="none", document={})
-        return write_image(pixels, folder, stem, self.media, plain, image_format="png")
+        ctx = msgspec.structs.replace(self.media, embed_source_images=False)
+        return write_image(pixels, folder, stem, ctx, state, image_format="png")

@@ -7,11 +7,14 @@ A template is literal text with placeholders in braces:
     {resolution}               WIDTHxHEIGHT, e.g. 832x480
     {input}                    the input file's stem (a matting job's video, a
                                generation's start image or source video; else "none")
+    {mask_type}                a matting job's output: alpha, foreground, greenscreen
+                               ("none" for a generation)
     {prompt} / {prompt(40)}    the first 40 (or N, 1..200) characters of the prompt
     {date} / {date(%Y-%m-%d-%Hh%Mm%Ss)}
                                the local time the output is written; default %Y%m%d-%H%M%S
 
-The default, `{date}_{model}_{seed}`, gives `20250102-030405_tiny_42`. Matting jobs
+The default, `{date}_{model}_{seed}`, gives `20250102-030405_tiny_42` (matting jobs:
+`{date}_{input}_{mask_type}`, matting/inputs.py). Matting jobs
 (ResolvedMatAnyOne) have no prompt and no denoising steps: `{prompt}` is the input file's
 stem, `{steps}` the number of frames, `{seed}` the (tiny-network-only) seed.
 
@@ -53,6 +56,7 @@ DEFAULT_OUTPUT_NAME = "{date}_{model}_{seed}"
 DEFAULT_DATE_FORMAT = "%Y%m%d-%H%M%S"
 OUTPUT_NAME_FIELDS = frozenset(
     {"job", "seed", "model", "date", "steps", "frames", "prompt", "resolution", "input"}
+    | {"mask_type"}
 )
 PROMPT_CHARS = 40  # how much of the prompt a bare `{prompt}` keeps
 MAX_PROMPT_CHARS = 200
@@ -164,9 +168,11 @@ def _values(job: ResolvedJob, job_id: int) -> dict[str, str]:
         model = PurePath(model).stem if "." in model else model
         prompt, steps = PurePath(job.input).stem, job.frames
         source: str | None = job.input
+        mask_type = job.mask_type
     else:
         prompt, steps = job.prompt, job.steps
         source = job.image or job.video
+        mask_type = "none"
     return {
         "job": str(job_id),
         "seed": str(job.seed),
@@ -176,6 +182,7 @@ def _values(job: ResolvedJob, job_id: int) -> dict[str, str]:
         "resolution": f"{job.width}x{job.height}",
         "prompt": prompt,
         "input": sanitise(PurePath(source).stem, 60) if source else "none",
+        "mask_type": sanitise(mask_type) or "none",
     }
 
 

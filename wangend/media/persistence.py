@@ -21,8 +21,9 @@ PNG next to the file is. The document lists them by suffix (`"file_suffix":
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from .metadata import EXIF_IFD, EXIF_USER_COMMENT, PNG_KEY, MetadataState
 __all__ = [
     "MediaPersistenceContext",
     "codec_problem",
+    "encoded_size",
     "write_image",
     "write_metadata_bundle",
     "write_video",
@@ -52,6 +54,8 @@ CONTAINER_FORMATS = {"mp4": "mp4", "mkv": "matroska"}
 IMAGE_SUFFIXES = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
 JPEG_EXIF_LIMIT = 65_000  # a JPEG APP1 segment holds at most 65,533 bytes
 FALLBACK_CODEC = "libx264"
+VFR_TIME_BASE = Fraction(1, 90_000)  # divides ms, 1/24, 1/25, 1/30, 1/50, 1/60 exactly
+AVCOL_SPC_BT709 = 1  # FFmpeg's AVColorSpace value (PyAV has no enum for the matrix tag)
 
 
 def codec_problem(codec: str, pix_fmt: str = "yuv420p") -> str | None:
@@ -130,21 +134,36 @@ def write_video(
     metadata_state: MetadataState,
     audio: Path | str | None = None,
     on_claim: Callable[[Path], None] | None = None,
+    *,
+    audio_start: float | None = None,
+    timestamps: Sequence[float] | None = None,
 ) -> list[Path]:
     """Encode `frames` ((F, H, W, 3) uint8 RGB) to `folder/stem.<container>` (or the
     first free `stem(N)`), with `audio`'s sound when given; returns [video, companions...].
     `on_claim`: see atomic.publish; called for the video and each companion.
 
+    `audio_start`: the time in the audio source that plays with the first frame (None:
+    the source's own start; see audio.py). `timestamps`: each frame's time in seconds
+    from the first, for a variable frame rate (None: every 1/fps); the last frame lasts
+    as long as the one before it. Pictures are converted with the BT.709 matrix into
+    limited range, and the stream says so (primaries, transfer and matrix BT.709).
+
     An audio source that cannot be read or has no audio track does not cost the frames:
     the video is written silent, a warning logged and the reason put in the document."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be (F, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
-    state, plan = _with_audio_plan(metadata_state, audio, ctx.container)
+    times = _frame_times(len(frames), fps, timestamps)
+    state, plan = _with_audio_plan(metadata_state, audio, ctx.container, audio_start)
     state = _with_source_list(state, ctx)
+    padded = encoded_size(frames.shape[2], frames.shape[1], ctx.pix_fmt)
+    if padded != (frames.shape[2], frames.shape[1]):
+        state = state.with_fields(encoded_size=list(padded))
+    if timestamps is not None:
+        state = state.with_fields(variable_frame_rate=True)
     comment = state.text() if state.embedded else None
 
     def encode(temp: Path) -> None:
-        _encode(frames, temp, fps, ctx, comment, plan)
+        _encode(frames, temp, fps, ctx, comment, plan, times)
 
     path = publish(
         Path(folder), stem, f".{ctx.container}", encode, ctx.retry_policy,
@@ -153,13 +172,31 @@ def write_video(
     return [path, *write_metadata_bundle(path, ctx, state, on_claim=on_claim)]
 
 
+def _frame_times(count: int, fps: float, timestamps: Sequence[float] | None) -> list[float] | None:
+    """The frames' start times and, last, the video's end (None: a constant rate)."""
+    if timestamps is None:
+        return None
+    times = [float(t) for t in timestamps]
+    if len(times) != count or any(b <= a for a, b in itertools.pairwise(times)):
+        raise ValueError(f"timestamps must be {count} increasing times, one per frame")
+    last = times[-1] - times[-2] if count >= 2 else 1.0 / float(fps)
+    return [t - times[0] for t in times] + [times[-1] - times[0] + last]
+
+
+def encoded_size(width: int, height: int, pix_fmt: str) -> tuple[int, int]:
+    """The size the encoder gets: 4:2:0 chroma is subsampled 2x2, so both sides even."""
+    if pix_fmt == "yuv420p":
+        return width + width % 2, height + height % 2
+    return width, height
+
+
 def _with_audio_plan(
-    state: MetadataState, audio: Path | str | None, container: str
+    state: MetadataState, audio: Path | str | None, container: str, start: float | None
 ) -> tuple[MetadataState, AudioPlan | None]:
     if audio is None:
         return state, None
     try:
-        plan = plan_audio(audio, container)
+        plan = plan_audio(audio, container, start)
     except (OSError, ValueError) as exc:
         log.warning("audio from %s is left out: %s", audio, exc)
         return state.with_fields(audio={"source": str(audio), "error": str(exc)}), None
@@ -176,13 +213,14 @@ def _encode(
     ctx: MediaPersistenceContext,
     comment: str | None,
     plan: AudioPlan | None,
+    times: list[float] | None = None,
 ) -> None:
     import av
 
-    if ctx.pix_fmt == "yuv420p":  # chroma is subsampled 2x2: both sides must be even
-        pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
-        if pad_h or pad_w:
-            frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    width, height = encoded_size(frames.shape[2], frames.shape[1], ctx.pix_fmt)
+    if (width, height) != (frames.shape[2], frames.shape[1]):  # repeat the edge pixels
+        pad = ((0, 0), (0, height - frames.shape[1]), (0, width - frames.shape[2]), (0, 0))
+        frames = np.pad(frames, pad, mode="edge")
     fmt = CONTAINER_FORMATS[ctx.container]
     options = {"movflags": "+faststart"} if fmt == "mp4" else {}
     try:
@@ -190,27 +228,68 @@ def _encode(
             if comment is not None:
                 out.metadata["comment"] = comment
             stream = out.add_stream(ctx.codec, rate=_rate(fps))
-            stream.width, stream.height = frames.shape[2], frames.shape[1]
+            stream.width, stream.height = width, height
             stream.pix_fmt = ctx.pix_fmt
             stream.options = _codec_options(ctx)
+            _tag_bt709(stream.codec_context)
             if ctx.codec == "libx265" and fmt == "mp4":
                 stream.codec_tag = "hvc1"  # the tag Apple players need for HEVC in mp4
+            ticks = None
+            if times is not None:  # variable rate: each frame at its own time
+                stream.codec_context.time_base = stream.time_base = VFR_TIME_BASE
+                ticks = [round(t / VFR_TIME_BASE) for t in times]
             writer = AudioWriter(out, plan) if plan is not None else None
             try:
-                for frame in frames:
-                    picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), "rgb24")
-                    out.mux(stream.encode(picture))
-                out.mux(stream.encode(None))
+                _encode_pictures(out, stream, frames, ctx.pix_fmt, ticks)
             except BaseException:
                 if writer is not None:
                     writer.close()
                 raise
             if writer is not None:
-                writer.write(len(frames) / float(fps))
+                writer.write(times[-1] if times is not None else len(frames) / float(fps))
     except OSError:
         raise  # retried or reported by atomic.publish
     except av.FFmpegError as exc:  # bad option, codec refused the size, ...: not transient
         raise JobFailure("OutputWriteFailed", f"could not encode {path.name}: {exc}") from exc
+
+
+def _tag_bt709(context: Any) -> None:
+    """Say how the pictures were converted: BT.709 primaries, transfer and matrix,
+    limited range. Without tags players guess by size (BT.601 below 720 lines, BT.709
+    from there), so one untagged matrix is wrong at one size or the other."""
+    from av.video.reformatter import ColorPrimaries, ColorRange, ColorTrc
+
+    context.color_range = ColorRange.MPEG
+    context.color_primaries = ColorPrimaries.BT709
+    context.color_trc = ColorTrc.BT709
+    context.colorspace = AVCOL_SPC_BT709
+
+
+def _encode_pictures(
+    out: Any, stream: Any, frames: np.ndarray, pix_fmt: str, ticks: list[int] | None
+) -> None:
+    import av
+    from av.video.reformatter import ColorRange, Colorspace
+
+    durations: dict[int, int] = {}
+    if ticks is not None:
+        durations = {ticks[i]: ticks[i + 1] - ticks[i] for i in range(len(frames))}
+
+    def mux(packets: list[Any]) -> None:
+        for packet in packets:
+            if packet.pts in durations:
+                packet.duration = durations[packet.pts]
+            out.mux(packet)
+
+    for i, frame in enumerate(frames):
+        picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), "rgb24")
+        # Converted here, not by the encoder: PyAV's own conversion uses BT.601.
+        picture = picture.reformat(format=pix_fmt, dst_colorspace=Colorspace.ITU709,
+                                   dst_color_range=ColorRange.MPEG)  # fmt: skip
+        if ticks is not None:
+            picture.pts, picture.time_base = ticks[i], VFR_TIME_BASE
+        mux(stream.encode(picture))
+    mux(stream.encode(None))
 
 
 def _rate(fps: float) -> Fraction | int:

@@ -11,10 +11,9 @@ One line per job that reached `succeeded`, `failed` or `aborted`, oldest finish 
                  "queued_s": 0.4, "run_s": 12.9},
      "outputs": [{"path": "/out/a.mp4", "role": "video", "exists": true}, ...]}
 
-`since` keeps jobs finished at or after that Unix time. Roles are read from the file
-names the writers give (media/persistence.py): video, image, metadata (a `.json`
-sidecar), source_image (`.source-N.png`), matte (a name ending in alpha/matte/mask),
-frames_zip, other.
+`since` keeps jobs finished at or after that Unix time. Roles come from the job and the
+order its outputs are listed in, never from words in a file name (media/roles.py):
+video, matte, image, metadata (a `.json` sidecar), source_image, frames_zip, mask, other.
 
 Why its own connection: the export runs while a daemon holds the database (from `wangend
 history`, a cron job, a backup script). It opens the file read-only (`mode=ro`), so it can
@@ -28,15 +27,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sqlite3
 from contextlib import closing
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..media.roles import output_roles
 from .store import JobStore
 
-__all__ = ["FINISHED_STATES", "SELECT_FINISHED", "export_history", "output_role"]
+__all__ = ["FINISHED_STATES", "SELECT_FINISHED", "export_history"]
 
 FINISHED_STATES = ("succeeded", "failed", "aborted")
 SELECT_FINISHED = (
@@ -46,29 +45,6 @@ SELECT_FINISHED = (
     "AND (:since IS NULL OR finished_at >= :since) "
     "ORDER BY finished_at, id"
 )
-VIDEO_SUFFIXES = frozenset({".mp4", ".mkv", ".mov", ".webm", ".m4v"})
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
-_SOURCE_IMAGE = re.compile(r"\.source-\d+(\(\d+\))?$")
-_MATTE = re.compile(r"[._-](alpha|matte|mask)(\(\d+\))?$", re.IGNORECASE)
-
-
-def output_role(path: str) -> str:
-    """What an output file is, from its name alone."""
-    p = Path(path)
-    suffix, stem = p.suffix.lower(), p.stem
-    if suffix == ".json":
-        return "metadata"
-    if suffix == ".zip":
-        return "frames_zip"
-    if suffix in IMAGE_SUFFIXES and _SOURCE_IMAGE.search(stem):
-        return "source_image"
-    if suffix in VIDEO_SUFFIXES | IMAGE_SUFFIXES and _MATTE.search(stem):
-        return "matte"
-    if suffix in VIDEO_SUFFIXES:
-        return "video"
-    if suffix in IMAGE_SUFFIXES:
-        return "image"
-    return "other"
 
 
 def _connect_read_only(path: Path) -> sqlite3.Connection:
@@ -92,7 +68,7 @@ def _line(row: tuple[Any, ...]) -> dict[str, Any]:
     (job_id, state, spec_text, attempts, outputs_text, error_text, retry_of,
      created, started, finished) = row  # fmt: skip
     spec = _loads(spec_text, {})
-    outputs = _loads(outputs_text, [])
+    outputs = [p for p in _loads(outputs_text, []) if isinstance(p, str)]
     timings: dict[str, float | None] = {
         "created_at": created,
         "started_at": started,
@@ -110,9 +86,8 @@ def _line(row: tuple[Any, ...]) -> dict[str, Any]:
         "error": _loads(error_text, None),
         "timings": timings,
         "outputs": [
-            {"path": p, "role": output_role(p), "exists": os.path.exists(p)}
-            for p in outputs
-            if isinstance(p, str)
+            {"path": p, "role": role, "exists": os.path.exists(p)}
+            for p, role in zip(outputs, output_roles(spec, outputs), strict=True)
         ],
     }
 

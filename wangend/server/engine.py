@@ -106,7 +106,9 @@ class Engine:
         self.matting = MattingRuntime(
             config.output_path, config.matanyone.weights, self.production.device, self.media
         )
-        self.matting_inputs = MattingInputs(config.matanyone, access)
+        self.matting_inputs = MattingInputs(
+            config.matanyone, access, metadata_default=config.media.metadata
+        )
         self.router = JobRouter(
             self.generation, self.generation_inputs, self.matting, self.matting_inputs
         )
