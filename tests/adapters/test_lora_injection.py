@@ -203,6 +203,19 @@ def test_file_changed_since_enqueue(tiny_pipe, manager, tmp_path: Path) -> None:
         manager.hydrate(tiny_pipe, [ref(path, sha=digest)])
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads /proc/self/maps")
+def test_a_cached_adapter_is_not_its_files_pages(tiny_pipe, base, manager, tmp_path: Path) -> None:
+    """A LoRA file rewritten (or cut short) while its adapter is cached must neither
+    change the adapter nor kill the daemon: nothing maps it."""
+    path = write_lora(tmp_path / "mapped.safetensors", "diffusers", seed=5)
+    manager.hydrate(tiny_pipe, [ref(path)])
+    with_lora = run_tiny(tiny_pipe)
+    assert str(path) not in Path("/proc/self/maps").read_text()
+    path.write_bytes(b"")  # cut to nothing under the cached adapter
+    assert torch.equal(run_tiny(tiny_pipe), with_lora)
+    manager.hydrate(tiny_pipe, [])
+
+
 def test_two_expert_pipeline_gets_per_phase_weights(tiny_pipe, lora_root: Path) -> None:
     from diffusers import WanPipeline
 

@@ -250,11 +250,14 @@ class LoRAInjectionManager:
 
     def _load(self, pipe: Any, item: _Planned) -> None:
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
         path = Path(item.lora.path)
         try:
-            raw = load_file(str(path), device="cpu")
+            # Read into memory, not mapped: peft keeps the tensors it is given, so a
+            # mapped adapter would go on reading the file, and a file rewritten or cut
+            # short while the adapter is cached would change it or kill the daemon.
+            raw = load(path.read_bytes())
         except (SafetensorError, OSError, ValueError) as exc:
             raise _fail(path, f"is not a usable safetensors file ({_one_line(exc)})") from None
         try:
