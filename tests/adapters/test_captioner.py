@@ -61,6 +61,8 @@ def test_caption_is_a_deterministic_string(florence: Path, image: Path) -> None:
     assert isinstance(first, str) and first
     assert captioner.caption(image) == first
     assert Florence2Captioner(str(florence)).caption(image) == first  # beam search, no sampling
+    maps = Path("/proc/self/maps")  # on the host, it is not its files' pages
+    assert not maps.is_file() or str(florence.resolve()) not in maps.read_text()
 
 
 def test_caption_falls_back_to_plain_text_when_parsing_fails(florence: Path, image: Path) -> None:

@@ -63,6 +63,8 @@ def test_prime_loads_once_and_idle_unload_frees(tiny_lm: Path) -> None:
     assert not bridge.loaded
     bridge.prime(GenerateSpec(prompt=PROMPT, enhance_prompt=True))
     assert bridge.loaded and bridge.loads == 1
+    maps = Path("/proc/self/maps")  # warm on the host, it is not its files' pages
+    assert not maps.is_file() or str(tiny_lm.resolve()) not in maps.read_text()
     bridge.enhance([PROMPT], EnhanceContext())
     clock.now += 59
     assert not bridge.maybe_unload() and bridge.loaded

@@ -28,8 +28,13 @@ class Florence2Captioner:
         ref = str(local) if local.exists() else source
         offline = local.exists() or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         self.processor = AutoProcessor.from_pretrained(ref, local_files_only=offline)
+        # Read, not mapped, where the model stays on the host: a mapped file rewritten or
+        # cut short later would change the model or kill the daemon (SIGBUS).
         self.model = Florence2ForConditionalGeneration.from_pretrained(
-            ref, use_safetensors=True, local_files_only=offline
+            ref,
+            use_safetensors=True,
+            local_files_only=offline,
+            disable_mmap=not str(device).startswith("cuda"),
         )
         self.model.to(device).eval()
         self.device = device

@@ -115,8 +115,13 @@ class LocalChatModel:
         self.tokenizer = AutoTokenizer.from_pretrained(ref, local_files_only=offline)
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"{source} has no chat template")
+        # Read, not mapped, where the model stays on the host: a mapped file rewritten or
+        # cut short later would change the model or kill the daemon (SIGBUS).
         self.model = AutoModelForCausalLM.from_pretrained(
-            ref, use_safetensors=True, local_files_only=offline
+            ref,
+            use_safetensors=True,
+            local_files_only=offline,
+            disable_mmap=not str(device).startswith("cuda"),
         )
         self.model.to(device).eval()
         self.device = device
