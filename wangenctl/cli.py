@@ -137,6 +137,7 @@ class Options:
     url: str | None
     token_file: str | None
     json: bool
+    timeout: float | None = None
 
 
 @app.callback()
@@ -162,6 +163,16 @@ def _options(
     json: Annotated[
         bool, typer.Option("--json", help="print NDJSON: one JSON object per line")
     ] = False,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            "--timeout",
+            envvar="WANGEN_TIMEOUT",
+            min=0,
+            help="seconds to wait for each reply before giving up (exit 2); 0 waits for "
+            "ever. Following a job's progress is not limited by it",
+        ),
+    ] = 60.0,
 ) -> None:
     if url:
         from .endpoint import parse_url
@@ -170,7 +181,9 @@ def _options(
             parse_url(url)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--url") from None
-    ctx.obj = Options(url=url or None, token_file=token_file or None, json=json)
+    ctx.obj = Options(
+        url=url or None, token_file=token_file or None, json=json, timeout=timeout or None
+    )
 
 
 Work = Callable[["Client", Renderer], Awaitable[int | None]]
@@ -190,7 +203,7 @@ def _run(ctx: typer.Context, work: Work) -> None:
     out = make_renderer(opts.json)
 
     async def session() -> int | None:
-        async with connect(opts.url, opts.token_file) as client:
+        async with connect(opts.url, opts.token_file, call_timeout=opts.timeout) as client:
             return await work(client, out)
 
     try:
@@ -311,7 +324,7 @@ async def _follow(
             return 130
         try:
             if client.closed:  # the follower moved to a new connection
-                async with connect(opts.url, opts.token_file) as again:
+                async with connect(opts.url, opts.token_file, call_timeout=opts.timeout) as again:
                     out.aborted(await again.abort(job), followed=True)
             else:
                 out.aborted(await client.abort(job), followed=True)

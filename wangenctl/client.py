@@ -91,6 +91,10 @@ T = TypeVar("T")
 # client's cap is generous; it exists so a broken peer cannot make us buffer forever.
 MAX_INCOMING_LINE = 256 * 1024 * 1024
 CONNECT_TIMEOUT = 10.0
+# How long a call waits for its reply by default. A stopped (SIGSTOP) or wedged daemon
+# still accepts connections (the kernel's backlog does), so without this a script would
+# hang until it wakes up. Generous: enqueue hashes input media before it answers.
+CALL_TIMEOUT = 60.0
 
 # --- wire envelopes ------------------------------------------------------------------------
 
@@ -137,8 +141,13 @@ _decode_event = msgspec.json.Decoder(Event).decode
 class Client:
     """One open connection. Build it with `connect()`, which also runs its reader."""
 
-    def __init__(self, stream: anyio.abc.ByteStream, where: str) -> None:
+    def __init__(
+        self, stream: anyio.abc.ByteStream, where: str, call_timeout: float | None = None
+    ) -> None:
+        """`call_timeout`: how long a call waits for its reply unless it says otherwise
+        (None: for ever)."""
         self.where = where
+        self.call_timeout = call_timeout
         self._stream = stream
         self._receive = BufferedByteReceiveStream(stream)
         self._ids = itertools.count(1)
@@ -165,10 +174,13 @@ class Client:
         """Send one request and wait for its reply; events keep flowing meanwhile.
 
         Returns the result decoded into `result_type` (a protocol Struct), or as plain
-        JSON values without one. Raises RpcError for an error reply.
+        JSON values without one. Raises RpcError for an error reply, DaemonUnavailable
+        when no reply comes within `timeout` (default: the client's `call_timeout`).
         """
         if self._failure is not None:
             raise self._failure
+        if timeout is None:
+            timeout = self.call_timeout
         request_id = next(self._ids)
         line = _encode(_Request("2.0", request_id, method, params)) + b"\n"
         pending = self._pending[request_id] = _Pending()
@@ -181,7 +193,7 @@ class Client:
         except DaemonUnavailable:
             raise self._failure or DaemonUnavailable(self.where, lost=True) from None
         except TimeoutError:
-            reason = f"no reply to {method} within {timeout:g}s"
+            reason = f"no reply to {method} within {timeout:g}s: is it stopped or stuck?"
             raise DaemonUnavailable(self.where, reason, lost=True) from None
         finally:
             self._pending.pop(request_id, None)
@@ -349,6 +361,7 @@ async def connect(
     *,
     env: Mapping[str, str] | None = None,
     connect_timeout: float = CONNECT_TIMEOUT,
+    call_timeout: float | None = CALL_TIMEOUT,
     transport_factory: Callable[[Endpoint], Transport] = transport_for,
 ) -> AsyncIterator[Client]:
     """Open a connection (and authenticate on TCP) for the body of an `async with`.
@@ -361,7 +374,7 @@ async def connect(
     with translate_socket_errors(resolved.where, connected=False):
         with anyio.fail_after(connect_timeout):
             stream = await transport.open()
-    client = Client(stream, resolved.endpoint.url)
+    client = Client(stream, resolved.endpoint.url, call_timeout)
     body_error: Exception | None = None
     try:
         async with anyio.create_task_group() as tg:

@@ -500,6 +500,11 @@ class HumanRenderer:
         self.line(f"{path}: made by wangend {document.get('wangend', '?')} at {made}")
         if document.get("job") is not None:
             self.line(f"job {document['job']} on {document.get('device', '?')}")
+        for note in document.get("notes") or ():  # fallbacks taken, "resumed after step K"
+            self.line(f"note: {note}")
+        audio = document.get("audio")
+        if isinstance(audio, dict) and audio.get("error"):
+            self.line(f"note: audio from {audio.get('source', '?')} left out: {audio['error']}")
         # One column for the settings and the frames' hash alike.
         self._pairs({**settings, "frames_sha256": document.get("frames_sha256")})
 

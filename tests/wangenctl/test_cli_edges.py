@@ -220,3 +220,24 @@ def test_no_notice_when_the_queue_runs(daemon: DaemonProcess) -> None:
     done = ctl(daemon, "submit", "a running dog", *TINY, "--follow")
     assert Path(ok(done).strip()).is_file()
     assert "paused" not in done.stderr
+
+
+# --- a daemon that does not answer ------------------------------------------------------------
+
+
+def test_a_stopped_daemon_is_given_up_on_after_the_timeout(daemon: DaemonProcess) -> None:
+    """SIGSTOP: the kernel still accepts the connection, nobody answers. A script must
+    not hang until someone sends SIGCONT."""
+    import signal
+
+    daemon.signal(signal.SIGSTOP)
+    try:
+        for args in (["--timeout", "1", "status"], ["--timeout", "1", "list"]):
+            stuck = ctl(daemon, *args)
+            assert stuck.returncode == 2, stuck
+            assert "no reply to" in stuck.stderr and "within 1s: is it stopped or stuck?" in (
+                stuck.stderr
+            )
+    finally:
+        daemon.signal(signal.SIGCONT)
+    assert "queue" in ok(ctl(daemon, "--timeout", "5", "status"))  # awake, answering

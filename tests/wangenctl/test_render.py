@@ -224,3 +224,19 @@ def test_models_show_brackets_as_written_and_a_file_models_files(
     assert "my [v2] merge (transformer: /ckpts/wan14b.safetensors)" in text
     assert "is itself a [models.*] model" in text
     assert "stacked unknown unusable model stacked" in text  # on disk, but it cannot load
+
+
+def test_inspect_says_the_runs_notes(capsys: pytest.CaptureFixture[str]) -> None:
+    """What the --json document holds about how the run went shows in plain text too."""
+    document = {
+        "wangend": "0.1.0",
+        "job": 3,
+        "notes": ["resumed after step 12 of 30 from the resume point of an earlier attempt"],
+        "audio": {"source": "/in/song.wav", "error": "no audio stream"},
+        "settings": {"prompt": "a fox"},
+    }
+    lines = stdout_of(capsys, HumanRenderer().settings, "clip.mp4", document)
+    assert "note: resumed after step 12 of 30 from the resume point of an earlier attempt" in (
+        lines
+    )
+    assert "note: audio from /in/song.wav left out: no audio stream" in lines
