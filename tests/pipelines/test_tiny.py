@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import torch
@@ -68,11 +70,19 @@ def test_complete_folder_is_kept_and_broken_one_rebuilt(models_dir: Path, tmp_pa
     # A crash half way: parts missing and no marker. It must be rebuilt, not trusted.
     (tmp_path / "tiny" / MARKER).unlink()
     shutil.rmtree(tmp_path / "tiny" / "transformer")
-    (tmp_path / ".tiny.stale.tmp").mkdir()  # a fresh leftover build folder is not touched
+    live = f".tiny.{os.getpid()}.abc.tmp"  # a builder still at work: its folder stays
+    (tmp_path / live).mkdir()
     folder = ensure_tiny_model(tmp_path)
     assert (folder / MARKER).is_file()
     assert list((folder / "transformer").glob("*.safetensors"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".tiny.stale.tmp", "tiny"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live, "tiny"]
+
+    # A builder killed mid-build leaves its folder; it goes, though the model is whole.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / f".tiny.{dead.pid}.xyz.tmp").mkdir()
+    assert ensure_tiny_model(tmp_path) == folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live, "tiny"]
 
 
 def test_every_family_builds_deterministically_and_atomically(tmp_path: Path) -> None:

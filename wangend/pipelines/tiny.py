@@ -310,13 +310,28 @@ def _marker_ok(folder: Path, seed: int, name: str = "tiny") -> bool:
 
 
 def _remove_stale_builds(models_dir: Path) -> None:
+    """Remove the temp folders of builds that will never finish: their builder (its pid
+    is in the name) is gone, or they are older than STALE_BUILD_SECONDS. A kill during a
+    build leaves one; a live builder's is kept."""
     now = time.time()
     for entry in models_dir.glob(".tiny.*.tmp"):
+        pid = entry.name.split(".")[2]
         try:
-            if now - entry.stat().st_mtime > STALE_BUILD_SECONDS:
+            alive = pid.isdigit() and _alive(int(pid))
+            if not alive or now - entry.stat().st_mtime > STALE_BUILD_SECONDS:
                 shutil.rmtree(entry, ignore_errors=True)
         except OSError:
             pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def ensure_tiny_model(models_dir: Path, seed: int = TINY_SEED, name: str = "tiny") -> Path:
@@ -331,10 +346,12 @@ def ensure_tiny_model(models_dir: Path, seed: int = TINY_SEED, name: str = "tiny
     models_dir = Path(models_dir)
     target = models_dir / name
     if _marker_ok(target, seed, name):
+        if models_dir.is_dir():
+            _remove_stale_builds(models_dir)
         return target
     models_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(models_dir)
-    build = Path(tempfile.mkdtemp(prefix=".tiny.", suffix=".tmp", dir=models_dir))
+    build = Path(tempfile.mkdtemp(prefix=f".tiny.{os.getpid()}.", suffix=".tmp", dir=models_dir))
     try:
         build_tiny_variant(name, seed).save_pretrained(build, safe_serialization=True)
         marker: dict[str, Any] = {"version": TINY_VERSION, "seed": seed, "built_at": time.time()}
@@ -343,7 +360,9 @@ def ensure_tiny_model(models_dir: Path, seed: int = TINY_SEED, name: str = "tiny
         (build / MARKER).write_text(json.dumps(marker), encoding="utf-8")
         if target.exists() and not _marker_ok(target, seed, name):
             # Move the broken or outdated folder aside first: rename is atomic, rmtree is not.
-            trash = Path(tempfile.mkdtemp(prefix=".tiny.", suffix=".tmp", dir=models_dir))
+            trash = Path(
+                tempfile.mkdtemp(prefix=f".tiny.{os.getpid()}.", suffix=".tmp", dir=models_dir)
+            )
             os.replace(target, trash / "old")
             shutil.rmtree(trash, ignore_errors=True)
         try:
