@@ -148,6 +148,9 @@ class ServerConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True
     max_line_bytes: Annotated[int, Meta(ge=1024)] = MAX_LINE_BYTES
     event_buffer: Annotated[int, Meta(ge=16)] = 10_000  # ring buffer kept for `since`
     subscriber_buffer: Annotated[int, Meta(ge=16)] = 4_096  # events queued per connection
+    # seconds a TCP connection has to `auth` before it is closed (0: no limit); the token
+    # is all that guards TCP, so a peer without it must not keep a connection open.
+    auth_timeout: Annotated[float, Meta(ge=0.0, le=86_400.0)] = 10.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     no_socket: bool = False  # disable the Unix socket listener
     # Folders job inputs (images, videos, masks, audio) must lie in; empty: any file the

@@ -15,6 +15,7 @@ from wangend.adapters.lora import (
     size_hint,
 )
 
+from .fifo import without_hanging
 from .lora_files import RANK, write_lora
 
 
@@ -136,3 +137,26 @@ def test_header_errors(tmp_path: Path) -> None:
     bad_entry.write_bytes(struct.pack("<Q", len(header)) + header)
     with pytest.raises(LoraHeaderError, match="malformed"):
         read_header(bad_entry)
+
+
+def test_only_regular_files_are_loras_and_a_named_pipe_is_never_opened(root: Path) -> None:
+    folder = root / "wan_1.3B"
+    pipe = folder / "pipe.safetensors"
+    os.mkfifo(pipe)  # what once held `loras`, `validate` and `enqueue` for every client
+    library = LoRALibrary([root])
+    infos = without_hanging(lambda: library.list("wan2.1-t2v", size="1.3B"), [pipe])
+    assert [info.name for info in infos] == ["broken", "kohya", "peft", "style/anime"]
+    # a device behind a link, a link to nothing: not LoRAs either, and no error
+    (folder / "zero.safetensors").symlink_to("/dev/zero")
+    (folder / "gone.safetensors").symlink_to(folder / "nowhere.safetensors")
+    infos = without_hanging(lambda: library.list("wan2.1-t2v", size="1.3B"), [pipe])
+    assert [info.name for info in infos] == ["broken", "kohya", "peft", "style/anime"]
+    with pytest.raises(LoraLookupError, match="no LoRA named 'pipe'"):
+        without_hanging(lambda: library.find("pipe", "wan2.1-t2v", "1.3B"), [pipe])
+    # asked about by path, it is described, still without being opened
+    info = without_hanging(lambda: library.info(pipe), [pipe])
+    assert info.error == "pipe.safetensors is a named pipe (FIFO), not a regular file"
+    with pytest.raises(LoraHeaderError, match="named pipe"):
+        without_hanging(lambda: read_header(pipe), [pipe])
+    with pytest.raises(OSError, match="named pipe"):
+        without_hanging(lambda: library.sha256(pipe), [pipe])

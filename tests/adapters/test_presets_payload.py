@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from wangend.adapters.presets import PresetError, PresetLibrary
 from wangend.errors import InvalidParams
 from wangend.protocol import LoraRef
 
+from .fifo import without_hanging
 from .lora_files import write_lora
 
 
@@ -140,3 +142,17 @@ def test_preset_lora_errors_name_the_preset(library: LoRALibrary, presets: Prese
     with pytest.raises(InvalidParams) as info:
         build_lora_payload(library, "wan2.1-t2v", None, presets.load("wan/ours"), size="tiny")
     assert info.value.field == "$.params.preset"  # "1;0" on a one-expert family
+
+
+def test_a_named_pipe_among_the_presets_is_passed_over_unopened(
+    presets: PresetLibrary, tmp_path: Path
+) -> None:
+    root = tmp_path / "presets"
+    pipes = [root / "pipe.json", root / "wan" / "pipe.lset"]
+    for pipe in pipes:
+        os.mkfifo(pipe)
+    names = [info.name for info in without_hanging(presets.list, pipes)]
+    assert "pipe" not in names and "wan/pipe" not in names and "wan/ours" in names
+    with pytest.raises(PresetError, match="no preset named 'pipe'"):
+        without_hanging(lambda: presets.load("pipe"), pipes)
+    assert without_hanging(lambda: presets.load("anime"), pipes).name == "anime"

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
+import wave
+from pathlib import Path
+
+import pytest
 
 from ..support.harness import DaemonProcess
 from ..support.wire import WireClient
@@ -123,3 +130,122 @@ def test_resync_with_since_misses_nothing(daemon: DaemonProcess) -> None:
     assert types[0] == "job.queued" and types[1] == "job.started" and types[-1] == "job.succeeded"
     seqs = [e["seq"] for e in replayed]
     assert seqs == sorted(seqs) and all(s > since for s in seqs)
+
+
+# --- what the audit found (docs/protocol.md says how each is answered now) --------------
+
+
+def test_a_tcp_peer_without_the_token_gets_little_for_its_bytes(daemon: DaemonProcess) -> None:
+    with daemon.tcp(authed=False) as guest:
+        # no list of what exists: an unknown name is as unauthorized as a real one
+        assert guest.call("jobz")["error"]["code"] == -32001
+        assert guest.call("jobs")["error"]["code"] == -32001
+        # 1 MiB of `[1,1,...]` once came back as 40 MB while every client waited
+        guest.send_raw(b"[" + b",".join([b"1"] * 524_287) + b"]\n")
+        reply = guest.read_line()
+        assert len(reply) < 300 and json.loads(reply)["error"]["data"] == {"limit": 1000}
+        assert guest.result("auth", {"token": daemon.token}) == {"ok": True}
+        # a wrong token is wrong on an authenticated connection too, which stays so
+        reply = guest.call("auth", {"token": "definitely-wrong"})
+        assert reply["error"]["code"] == -32001
+        assert guest.result("status")["pid"] == daemon.proc.pid
+
+
+def test_a_last_request_without_its_newline_is_answered(daemon: DaemonProcess) -> None:
+    """`printf '%s' '{...}' | socat - UNIX-CONNECT:...` printed nothing and exited 0."""
+    for request, check in (
+        (b'{"jsonrpc":"2.0","id":"s","method":"status"}', lambda r: r["result"]["pid"] > 0),
+        (b'{"jsonrpc":"2.0","id":"x"', lambda r: r["error"]["code"] == -32700),
+    ):
+        with daemon.unix() as c:
+            c.send_raw(request)
+            c.sock.shutdown(socket.SHUT_WR)
+            assert check(c.read_message())
+            with pytest.raises(ConnectionError):
+                c.read_line()  # then the daemon closes
+
+
+def test_a_named_pipe_in_the_lora_or_preset_folder_holds_up_no_one(
+    daemon: DaemonProcess,
+) -> None:
+    loras = daemon.state_dir / "loras" / "wan_tiny"
+    presets = daemon.state_dir / "presets"
+    pipes = [loras / "pipe.safetensors", presets / "pipe.json"]
+    for pipe in pipes:
+        pipe.parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(pipe)
+    try:
+        with daemon.unix(timeout=10) as c:  # a hang is a socket timeout, not a stuck suite
+            assert "pipe" not in [lora["name"] for lora in c.result("loras")["loras"]]
+            assert "pipe" not in [preset["name"] for preset in c.result("presets")["presets"]]
+            assert c.result("validate", {"prompt": "a fox", "steps": 2})["spec"]["steps"] == 2
+    finally:
+        for pipe in pipes:  # a daemon stuck in open() is let go before the pipe goes
+            with contextlib.suppress(OSError):
+                os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+            pipe.unlink()
+
+
+def test_audio_is_decoded_before_the_job_is_queued(daemon: DaemonProcess, tmp_path: Path) -> None:
+    fake = tmp_path / "notaudio.wav"
+    fake.write_text("this is not audio\n")
+    real = tmp_path / "tone.wav"
+    with wave.open(str(real), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(8000)
+        out.writeframes(b"\x00\x10" * 2000)
+    with daemon.unix() as c:
+        before = c.result("jobs")["jobs"]
+        for method in ("validate", "enqueue"):
+            error = c.call(method, {"prompt": "with audio", "steps": 2, "audio": str(fake)})
+            assert error["error"]["code"] == -32602, error
+            assert error["error"]["data"]["field"] == "$.params.audio"
+            assert "Errno" not in error["error"]["message"]
+        assert c.result("jobs")["jobs"] == before  # nothing was queued
+        spec = c.result("validate", {"prompt": "with audio", "audio": str(real)})["spec"]
+        assert spec["audio"] == str(real) and len(spec["inputs_sha256"]["audio"]) == 64
+        reply = c.call("validate", {"prompt": "x", "model": "tiny-i2v", "image": "/dev/zero"})
+        assert reply["error"]["message"].endswith("is a character device, not a regular file")
+
+
+def test_retry_with_enhance_needs_an_enhancer_and_no_params_means_none(
+    daemon: DaemonProcess,
+) -> None:
+    with daemon.unix() as c:
+        c.result("pause", {"mode": "now"})
+        try:
+            job = c.result("enqueue", {"prompt": "to be retried", "steps": 2})["job"]
+            c.result("abort", {"job": job})
+            error = c.call("retry", {"job": job, "enhance": True})["error"]
+            assert error["code"] == -32602 and error["data"]["field"] == "$.params.enhance"
+        finally:
+            c.result("resume")
+        for method in ("presets", "models", "clear", "resume"):
+            error = c.call(method, {"a": 1})["error"]
+            assert error["code"] == -32602 and error["data"]["field"] == "$.params.a", method
+
+
+def test_one_goodbye_for_all_and_no_idle_guests(tmp_path: Path) -> None:
+    config = tmp_path / "wangend.toml"
+    config.write_text("auth_timeout = 1.0\n")
+    proc = DaemonProcess(tmp_path, "--config", str(config)).start()
+    try:
+        with proc.tcp(authed=False, timeout=10) as guest:
+            goodbye = guest.read_message()  # sent nothing, had nothing: told, then closed
+            assert goodbye["id"] is None and goodbye["error"]["code"] == -32001
+            assert goodbye["error"]["data"] == {"timeout": 1.0}
+            with pytest.raises(ConnectionError):
+                guest.read_line()
+        with proc.unix() as watcher, proc.unix() as idle, proc.tcp() as member:
+            watcher.result("subscribe", {})
+            with proc.unix() as stopper:
+                assert stopper.result("shutdown", {"mode": "graceful"}) == {"ok": True}
+                event = watcher.next_event()
+                assert event["type"] == "daemon.stopping"
+                assert event["data"] == {"mode": "graceful", "grace": 0.0} and event["seq"] > 0
+                # the same event, not a differently shaped notice, for everyone else
+                assert idle.next_event() == member.next_event() == stopper.next_event() == event
+        assert proc.wait(30) == 0
+    finally:
+        proc.stop()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import wave
 from datetime import datetime
 from pathlib import Path
 
@@ -175,14 +178,106 @@ def test_engine_and_metadata_defaults(tmp_path: Path) -> None:
     )  # fmt: skip
 
 
+def write_wav(path: Path, seconds: float = 0.25, rate: int = 8000) -> Path:
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(b"\x00\x10" * int(seconds * rate))
+    return path
+
+
+def write_clip(path: Path, *, sound: bool) -> Path:
+    """Four 32x32 frames, with a quiet mono track when `sound`."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("mpeg4", rate=8)
+        video.width = video.height = 32
+        video.pix_fmt = "yuv420p"
+        audio = out.add_stream("pcm_s16le", rate=8000) if sound else None
+        if audio is not None:
+            audio.layout = "mono"
+        for i in range(4):
+            picture = np.full((32, 32, 3), 60 * i, np.uint8)
+            out.mux(video.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+        out.mux(video.encode(None))
+        if audio is not None:
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 4000), np.int16), layout="mono")
+            frame.sample_rate = 8000
+            out.mux(audio.encode(frame))
+            out.mux(audio.encode(None))
+    return path
+
+
 def test_audio_path(inputs: TaskInputManager, tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(InvalidParams) as info:
         inputs.resolve(GenerateSpec(prompt="p", audio=str(tmp_path / "none.wav")))
     assert info.value.field == "$.params.audio" and "none.wav" in info.value.message
-    (tmp_path / "a.wav").write_bytes(b"RIFF")
+    assert "does not exist" in info.value.message
+    write_wav(tmp_path / "a.wav")
     monkeypatch.chdir(tmp_path)
     job = inputs.resolve(GenerateSpec(prompt="p", audio="a.wav"))
     assert job.audio == str(tmp_path / "a.wav")
+    assert (
+        job.inputs_sha256["audio"] == hashlib.sha256((tmp_path / "a.wav").read_bytes()).hexdigest()
+    )
+
+
+def test_audio_must_decode_and_have_sound(inputs: TaskInputManager, tmp_path: Path) -> None:
+    """A text file named .wav was once queued; the job "succeeded" with a silent video and
+    only the daemon's log said why. Now it is refused at enqueue, like any media."""
+    fake = tmp_path / "notaudio.wav"
+    fake.write_text("this is not audio\n")
+    silent = write_clip(tmp_path / "silent.mkv", sound=False)
+    for path, words in (
+        (fake, f"audio: {fake} is not a readable audio file or video (Invalid data found"),
+        (silent, "is a video without sound; give an audio file or a video with sound"),
+    ):
+        with pytest.raises(InvalidParams) as info:
+            inputs.resolve(GenerateSpec(prompt="p", audio=str(path)))
+        assert info.value.field == "$.params.audio"
+        assert words in info.value.message, info.value.message
+        assert "Errno" not in info.value.message and f"'{path}'" not in info.value.message
+    with_sound = write_clip(tmp_path / "sound.mkv", sound=True)
+    assert inputs.resolve(GenerateSpec(prompt="p", audio=str(with_sound))).audio == str(with_sound)
+
+
+def test_what_is_not_a_regular_file_is_named_for_what_it_is(tmp_path: Path) -> None:
+    inputs = TaskInputManager(ModelRegistry(tmp_path / "models"), "tiny-i2v")
+    pipe = tmp_path / "pipe.png"
+    os.mkfifo(pipe)
+    for path, what in (
+        ("/dev/zero", "is a character device, not a regular file"),
+        (str(pipe), "is a named pipe (FIFO), not a regular file"),
+        (str(tmp_path), "is a directory, not a regular file"),
+    ):
+        with pytest.raises(InvalidParams) as info:
+            inputs.resolve(GenerateSpec(prompt="p", image=path))
+        assert info.value.field == "$.params.image"
+        assert info.value.message == f"image: {path} {what}"
+
+
+def test_a_media_error_reads_without_errno_noise(tmp_path: Path) -> None:
+    inputs = TaskInputManager(ModelRegistry(tmp_path / "models"), "tiny")
+    fake = tmp_path / "clip.mp4"
+    fake.write_text("not a video")
+    with pytest.raises(InvalidParams) as info:
+        inputs.resolve(GenerateSpec(prompt="p", video=str(fake)))
+    assert info.value.field == "$.params.video"
+    assert info.value.message == (
+        f"video: {fake} is not a readable video (Invalid data found when processing input)"
+    )
+
+
+def test_retry_asking_for_an_enhanced_prompt_needs_an_enhancer(
+    inputs: TaskInputManager,
+) -> None:
+    with pytest.raises(InvalidParams) as info:
+        inputs.check_enhance("$.params.enhance")
+    assert info.value.field == "$.params.enhance"
+    assert info.value.message.startswith("enhance needs a prompt enhancer")
 
 
 def test_relative_media_paths_become_absolute(tmp_path: Path, monkeypatch) -> None:

@@ -366,6 +366,23 @@ async def test_retry_runs_the_same_resolved_spec_as_a_new_job(
             controller.retry(again.job)
 
 
+async def test_retry_asking_for_an_enhanced_prompt_without_an_enhancer_is_refused(
+    controller: QueueController, store: JobStore
+) -> None:
+    """As enqueue refuses `enhance_prompt` without an enhancer: the retry would run the
+    prompt as it stands, which is not what was asked for."""
+    controller.pause("now")
+    first = controller.enqueue(spec()).job
+    controller.abort(first)
+    with pytest.raises(InvalidParams) as info:
+        controller.retry(first, enhance=True)
+    assert info.value.field == "$.params.enhance"
+    assert "needs a prompt enhancer" in info.value.message
+    assert [job.id for job in store.list()] == [first]  # no new job
+    again = controller.retry(first).job  # a plain retry is still fine
+    assert controller.job(again).retry_of == first
+
+
 async def test_clear_and_move_reorder_a_paused_queue(
     controller: QueueController, recorder: Recorder, store: JobStore
 ) -> None:

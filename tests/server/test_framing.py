@@ -37,3 +37,12 @@ def test_framer_refuses_a_long_line_before_its_newline_arrives() -> None:
     with pytest.raises(LineTooLong) as info:
         f.feed(b"567890")  # 11 bytes buffered, no newline yet
     assert info.value.lines == []
+
+
+def test_the_end_of_the_stream_ends_the_last_line() -> None:
+    f = LineFramer(100)
+    assert f.feed(b'{"a":1}\n{"b"') == [b'{"a":1}']
+    assert f.finish() == [b'{"b"']  # the stream ended: what was left is a line too
+    assert f.buffered == 0 and f.finish() == []
+    assert f.feed(b"two\r") == [] and f.finish() == [b"two"]
+    assert f.feed(b"   ") == [] and f.finish() == []  # blank, as ever, is nothing

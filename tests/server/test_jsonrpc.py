@@ -227,10 +227,13 @@ async def test_a_method_without_params_takes_none_empty_object_or_array(params: 
 
 
 @pytest.mark.anyio
-async def test_params_given_to_a_method_without_params() -> None:
+async def test_params_given_to_a_method_without_params_name_the_field() -> None:
     d = Dispatcher(param_methods())
     reply = await answer(d, '{"jsonrpc":"2.0","id":1,"method":"nothing","params":{"a":1}}')
-    assert reply["error"]["code"] == -32602 and reply["error"]["data"]["field"] == "$.params"
+    assert reply["error"]["code"] == -32602 and reply["error"]["data"]["field"] == "$.params.a"
+    assert "takes no params" in reply["error"]["message"]
+    reply = await answer(d, '{"jsonrpc":"2.0","id":2,"method":"nothing","params":[7]}')
+    assert reply["error"]["code"] == -32602 and reply["error"]["data"]["field"] == "$.params[0]"
 
 
 @pytest.mark.anyio
@@ -347,14 +350,99 @@ async def test_a_wangen_error_keeps_its_code_message_and_data(engine: str) -> No
 
 
 @pytest.mark.anyio
-async def test_unauthenticated_context_gets_32001_but_unknown_methods_stay_32601() -> None:
+async def test_unauthenticated_context_gets_32001_for_every_name_but_the_open_ones() -> None:
     d = Dispatcher(failing_methods())
     guest = Ctx(authenticated=False)
     reply = await answer(d, '{"jsonrpc":"2.0","id":1,"method":"boom"}', guest)
     assert reply["error"]["code"] == -32001
+    # an unknown name too: a guest must not learn which methods exist
     reply = await answer(d, '{"jsonrpc":"2.0","id":2,"method":"nope"}', guest)
-    assert reply["error"]["code"] == -32601
+    assert reply["error"]["code"] == -32001 and reply["id"] == 2
     assert await answer(d, '{"jsonrpc":"2.0","id":3,"method":"public"}', guest) == ok("hi", 3)
+    # once in, the unknown name is what it is
+    reply = await answer(d, '{"jsonrpc":"2.0","id":4,"method":"nope"}')
+    assert reply["error"]["code"] == -32601
+
+
+# --- bounds: batch size, reply size ----------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_batch_over_the_cap_is_one_error_and_runs_nothing() -> None:
+    ctx = Ctx()
+    d = Dispatcher(example_methods())
+    assert d.max_batch == 1000
+    call = '{"jsonrpc":"2.0","method":"update","params":[1]}'
+    reply = await answer(d, "[" + ",".join([call] * 1001) + "]", ctx)
+    assert reply["id"] is None and reply["error"]["code"] == -32600
+    assert reply["error"]["data"] == {"limit": 1000}
+    assert "at most 1000" in reply["error"]["message"] and "1001" in reply["error"]["message"]
+    assert ctx.calls == []  # not one element ran
+    # the audit's 1 MiB line of `[1,1,...]`: one small reply, not 40 MB of them
+    flood = b"[" + b",".join([b"1"] * 524_287) + b"]"
+    raw = await d.handle_line(flood, Ctx(authenticated=False))
+    assert raw is not None and len(raw) < 300
+    # at the cap, every element is answered
+    replies = await answer(d, "[" + ",".join(["1"] * 1000) + "]")
+    assert [r["error"]["code"] for r in replies] == [-32600] * 1000
+
+
+@pytest.mark.anyio
+async def test_before_auth_a_batch_is_an_array_of_32001_and_runs_nothing() -> None:
+    ctx = Ctx(authenticated=False)
+    d = Dispatcher([*example_methods(), *failing_methods()])
+    batch = [
+        {"jsonrpc": "2.0", "id": 1, "method": "sum", "params": [1, 2]},
+        {"jsonrpc": "2.0", "method": "update", "params": [1]},  # a notification: silent
+        {"jsonrpc": "2.0", "id": 3, "method": "no.such"},
+        {"jsonrpc": "2.0", "id": 4, "method": "public"},
+    ]
+    replies = await answer(d, json.dumps(batch), ctx)
+    assert [(r["id"], r.get("error", {}).get("code")) for r in replies] == [
+        (1, -32001),
+        (3, -32001),
+        (4, None),
+    ]
+    assert ctx.calls == []
+
+
+def sized_methods() -> list[Method]:
+    async def blob(ctx: Ctx, p: list[int]) -> str:
+        return "x" * p[0]
+
+    async def count(ctx: Ctx, p: None) -> int:
+        ctx.calls.append(("count", None))
+        return len(ctx.calls)
+
+    return [Method("blob", blob, list[int]), Method("count", count)]
+
+
+@pytest.mark.anyio
+async def test_a_reply_over_the_limit_becomes_32006_with_its_id() -> None:
+    d = Dispatcher(sized_methods())
+    ctx = Ctx()
+
+    async def ask(text: str) -> Any:
+        raw = await d.handle_line(text.encode(), ctx, reply_limit=10_000)
+        return json.loads(raw) if raw is not None else None
+
+    assert (await ask('{"jsonrpc":"2.0","id":1,"method":"blob","params":[9000]}'))["result"]
+    reply = await ask('{"jsonrpc":"2.0","id":2,"method":"blob","params":[20000]}')
+    assert reply["id"] == 2 and reply["error"]["code"] == -32006
+    size = len('{"jsonrpc":"2.0","id":2,"result":""}') + 20_000
+    assert reply["error"]["data"] == {"limit": 10_000, "size": size}
+    # in a batch the limit is for all replies together; every element still runs, and
+    # the ones that no longer fit say so with their own id
+    batch = [
+        {"jsonrpc": "2.0", "id": "a", "method": "blob", "params": [6000]},
+        {"jsonrpc": "2.0", "id": "b", "method": "blob", "params": [6000]},
+        {"jsonrpc": "2.0", "id": "c", "method": "count"},
+    ]
+    replies = await ask(json.dumps(batch))
+    assert [r["id"] for r in replies] == ["a", "b", "c"]
+    assert "result" in replies[0] and replies[1]["error"]["code"] == -32006
+    assert replies[2]["result"] == 1 and ctx.calls == [("count", None)]
+    assert len(json.dumps(replies)) < 10_000 + 500
 
 
 def test_method_names_are_unique() -> None:

@@ -30,7 +30,7 @@ from wangend.protocol import (
     ResolvedGenerate,
     StatusResult,
 )
-from wangend.server.events import EventBus
+from wangend.server.events import EventBus, notification_line
 from wangend.server.rpc import WRONG_TOKEN_DELAY, build_dispatcher
 from wangend.server.transport import Server
 
@@ -154,8 +154,8 @@ async def daemonish(tmp_path: Path) -> AsyncIterator[Daemonish]:
 
     async def stop_on_request() -> None:
         await services.stop.wait()
-        bus.publish("daemon.stopping", None, {"mode": services.shutdowns[-1]})
-        await server.close(grace=1.0)
+        stopping = bus.publish("daemon.stopping", None, {"mode": services.shutdowns[-1]})
+        await server.close(grace=1.0, goodbye=notification_line(stopping))
 
     async with anyio.create_task_group() as tg:
         endpoint = await tg.start(
@@ -232,7 +232,7 @@ async def test_tcp_auth_gate_and_a_slow_wrong_token(tmp_path: Path) -> None:
         guesser, other = await d.tcp(), await d.tcp()
         for method in ("enqueue", "status", "pause", "subscribe", "shutdown", "models"):
             assert (await guesser.call(method))["error"]["code"] == -32001
-        assert (await guesser.call("no.such.method"))["error"]["code"] == -32601
+        assert (await guesser.call("no.such.method"))["error"]["code"] == -32001
         assert (await other.call("auth", {"token": TOKEN}))["result"] == {"ok": True}
         elapsed: dict[str, float] = {}
 
@@ -252,6 +252,19 @@ async def test_tcp_auth_gate_and_a_slow_wrong_token(tmp_path: Path) -> None:
         assert (await guesser.call("status"))["error"]["code"] == -32001
         unix = await d.unix()
         assert "result" in await unix.call("status")  # no token on the Unix socket
+        assert (await unix.call("auth", {"token": "anything"}))["result"] == {"ok": True}
+
+
+async def test_a_wrong_token_is_wrong_on_an_authenticated_connection_too(tmp_path: Path) -> None:
+    async with daemonish(tmp_path) as d:
+        c = await d.tcp()
+        assert (await c.call("auth", {"token": TOKEN}))["result"] == {"ok": True}
+        # a tool checking a token over an open connection must hear the truth ...
+        reply = await c.call("auth", {"token": "definitely-wrong"})
+        assert reply["error"] == {"code": -32001, "message": "wrong token"}
+        # ... and the connection stays as it was: authenticated
+        assert "result" in await c.call("status")
+        assert (await c.call("auth", {"token": TOKEN}))["result"] == {"ok": True}
 
 
 async def test_subscribe_replies_before_the_replay(tmp_path: Path) -> None:
@@ -274,7 +287,9 @@ async def test_shutdown_replies_first_then_stops(tmp_path: Path) -> None:
         watcher = await d.unix()
         await watcher.call("subscribe", {})
         assert (await c.call("shutdown", {"mode": "finish"}))["result"] == {"ok": True}
-        assert (await c.read())["params"]["type"] == "daemon.stopping"
+        goodbye = await c.read()
         assert await c.read_eof() == b""
-        assert (await watcher.read())["params"]["data"] == {"mode": "finish"}
+        event = await watcher.read()
+        assert event["params"]["data"] == {"mode": "finish"}
+        assert goodbye == event  # one event, one shape, for subscribers and the rest
         assert d.services.shutdowns == ["finish"] and d.services.reply_was_queued

@@ -17,7 +17,7 @@ import anyio.abc
 import pytest
 
 from wangend.server.connection import Limits
-from wangend.server.events import EventBus
+from wangend.server.events import EventBus, notification_line
 from wangend.server.jsonrpc import Dispatcher
 from wangend.server.transport import ListenError, Server
 
@@ -263,7 +263,7 @@ async def test_tcp_needs_auth_first(tmp_path: Path) -> None:
     async with running(tmp_path) as srv:
         c = await srv.tcp()
         assert (await c.call("whoami"))["error"]["code"] == -32001
-        assert (await c.call("nope"))["error"]["code"] == -32601
+        assert (await c.call("nope"))["error"]["code"] == -32001  # no list of what exists
         assert (await c.call("auth", {"token": "guess"}))["error"]["code"] == -32001
         assert (await c.call("whoami"))["error"]["code"] == -32001
         assert (await c.call("auth", {"token": TOKEN}))["result"] == {"ok": True}
@@ -310,20 +310,112 @@ async def test_an_inherited_listening_socket_is_served(tmp_path: Path) -> None:
 async def test_close_says_goodbye_and_flushes(tmp_path: Path) -> None:
     async with running(tmp_path) as srv:
         idle = await srv.unix()
+        guest = await srv.tcp()  # never authenticated
         watcher = await srv.unix()
         await watcher.call("subscribe", {})
         busy = await srv.unix()
         await busy.send({"jsonrpc": "2.0", "id": 9, "method": "sleep", "params": {"seconds": 0.3}})
         await anyio.sleep(0.05)
-        srv.bus.publish("daemon.stopping", None, {"mode": "graceful"})
+        stopping = srv.bus.publish("daemon.stopping", None, {"mode": "graceful", "grace": 0.0})
         with anyio.fail_after(5):
-            await srv.server.close(grace=2.0)
+            await srv.server.close(grace=2.0, goodbye=notification_line(stopping))
         assert srv.server.connection_count == 0
-        notice = await idle.read()
-        assert notice["params"]["type"] == "daemon.stopping" and notice["params"]["seq"] == 0
-        assert await idle.read_eof() == b""
-        event = await watcher.read()  # the bus's numbered event, and no second notice
+        event = await watcher.read()  # the bus's numbered event, and no second one
         assert event["params"]["type"] == "daemon.stopping" and event["params"]["seq"] == 1
         assert await watcher.read_eof() == b""
+        # everyone else gets that very event, not a look-alike of another shape
+        assert await idle.read() == event
+        assert await idle.read_eof() == b""
+        assert await guest.read() == event
         assert (await busy.read())["id"] == 9  # the request in flight was answered first
-        assert (await busy.read())["params"]["type"] == "daemon.stopping"
+        assert await busy.read() == event
+
+
+# --- bounds: what a client can make the server do ----------------------------------------
+
+
+async def test_a_last_line_without_newline_is_answered_at_eof(tmp_path: Path) -> None:
+    async with running(tmp_path) as srv:
+        tcp = await srv.tcp()
+        await tcp.call("auth", {"token": TOKEN})
+        for client in (await srv.unix(), tcp):
+            # what `printf '%s' '{...}' | socat - UNIX-CONNECT:...` sends: no newline, EOF
+            await client.send(b'{"jsonrpc":"2.0","id":1,"method":"echo","params":{"a":1}}\n')
+            await client.send(b'{"jsonrpc":"2.0","id":"last","method":"echo","params":{"b":2}}')
+            await client.stream.send_eof()
+            assert (await client.read())["result"] == {"a": 1}
+            assert await client.read() == {"jsonrpc": "2.0", "id": "last", "result": {"b": 2}}
+            assert await client.read_eof() == b""
+        truncated = await srv.unix()
+        await truncated.send(b'{"jsonrpc":"2.0","id":"x"')
+        await truncated.stream.send_eof()
+        assert (await truncated.read())["error"]["code"] == -32700
+        assert await truncated.read_eof() == b""
+
+
+async def test_tcp_without_auth_in_time_is_told_and_closed(tmp_path: Path) -> None:
+    async with running(tmp_path, Limits(auth_timeout=0.5)) as srv:
+        silent = await srv.tcp()
+        chatty = await srv.tcp()
+        member = await srv.tcp()
+        await member.call("auth", {"token": TOKEN})
+        local = await srv.unix()
+        started = anyio.current_time()
+        for _ in range(3):  # requests do not buy time; only auth does
+            assert (await chatty.call("whoami"))["error"]["code"] == -32001
+            await anyio.sleep(0.1)
+        for client in (silent, chatty):
+            goodbye = await client.read(timeout=5)
+            assert goodbye["id"] is None and goodbye["error"]["code"] == -32001
+            assert goodbye["error"]["data"] == {"timeout": 0.5}
+            assert await client.read_eof(timeout=5) == b""
+        assert anyio.current_time() - started >= 0.4
+        await anyio.sleep(0.3)  # past the deadline: the others are still served
+        assert (await member.call("echo", {"in": 1}))["result"] == {"in": 1}
+        assert (await local.call("echo", {"in": 2}))["result"] == {"in": 2}
+
+
+async def test_a_batch_is_capped_and_cheap_before_auth(tmp_path: Path) -> None:
+    async with running(tmp_path) as srv:
+        guest = await srv.tcp()
+        # the audit's line: 1 MiB of `[1,1,...]` once came back as 40 MB of replies
+        await guest.send(b"[" + b",".join([b"1"] * 524_287) + b"]\n")
+        reply = await guest.read_line()
+        assert len(reply) < 300
+        assert json.loads(reply)["error"] == {
+            "code": -32600,
+            "message": "a batch may hold at most 1000 requests; this one holds 524287 "
+            "(nothing was run)",
+            "data": {"limit": 1000},
+        }
+        calls = [{"jsonrpc": "2.0", "id": i, "method": "publish"} for i in range(1000)]
+        await guest.send(calls)
+        replies = await guest.read()
+        assert {r["error"]["code"] for r in replies} == {-32001} and len(replies) == 1000
+        assert srv.bus.last_seq == 0  # nothing ran
+        assert (await guest.call("auth", {"token": TOKEN}))["result"] == {"ok": True}
+
+
+async def test_a_reply_too_large_for_the_connection_is_an_error_not_a_hangup(
+    tmp_path: Path,
+) -> None:
+    limits = Limits(max_pending_bytes=256 * 1024)  # one reply may take 128 KiB
+    async with running(tmp_path, limits) as srv:
+        c = await srv.unix()
+        reply = await c.call("echo", {"p": "y" * 300_000})
+        assert reply["error"]["code"] == -32006 and reply["error"]["data"]["limit"] == 128 * 1024
+        # a batch whose replies together would pass the budget: every element runs and
+        # is answered; those past the limit say so with their own id
+        batch = [
+            {"jsonrpc": "2.0", "id": i, "method": "echo", "params": {"p": "z" * 10_000}}
+            for i in range(30)
+        ]
+        batch.append({"jsonrpc": "2.0", "id": "tick", "method": "publish"})
+        await c.send(batch)
+        replies = await c.read()
+        assert [r["id"] for r in replies] == [*range(30), "tick"]
+        fitted = [r for r in replies[:30] if "result" in r]
+        assert 10 <= len(fitted) < 30
+        assert all(r["error"]["code"] == -32006 for r in replies[len(fitted) : 30])
+        assert replies[-1]["result"] == {"last_seq": 1}  # ran, and its reply fitted
+        assert (await c.call("echo", {"still": "here"}))["result"] == {"still": "here"}

@@ -23,6 +23,11 @@ for `loras/wan/style/anime.safetensors`); the extension may be given too. Only
 `.safetensors` and `.sft` files are LoRAs; only their JSON header is read (8-byte length,
 then JSON), never a pickle, never the tensors.
 
+Only regular files (or links to them) are LoRAs: every candidate is stat'ed, never opened,
+before it is listed, and a header is read through a non-blocking open checked again with
+fstat. A named pipe in the folder once hung `loras` forever inside `open()`, holding
+the libraries' lock, and with it `validate`, `enqueue` and `presets` for every client.
+
 Caching: a family's listing is kept per (family, folder) with the mtime of every
 directory in it; `list`/`find` stat those directories (a handful of syscalls) and walk a
 folder again only when one changed. A directory modified within the last RACY_SECONDS is
@@ -45,6 +50,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import struct
 import time
 from pathlib import Path, PurePosixPath
@@ -52,7 +58,7 @@ from typing import Literal
 
 from msgspec import Struct
 
-from ..media.access import sha256_file
+from ..media.access import describe_mode, is_regular, open_regular, sha256_file
 
 __all__ = [
     "LORA_SUFFIXES",
@@ -127,7 +133,7 @@ def read_header(path: Path) -> dict[str, dict]:
     size so a truncated download is caught here and not halfway through a load."""
     try:
         size = path.stat().st_size
-        with path.open("rb") as handle:
+        with open_regular(path) as handle:
             prefix = handle.read(8)
             if len(prefix) < 8:
                 raise LoraHeaderError(f"{path.name} is too short to be a safetensors file")
@@ -300,6 +306,8 @@ class LoRALibrary:
                 if filename.startswith(".") or not filename.lower().endswith(LORA_SUFFIXES):
                     continue
                 full = Path(dirpath) / filename
+                if not is_regular(full):  # a FIFO, a device, a dangling link: not a LoRA
+                    continue
                 relative = full.relative_to(folder).as_posix()
                 stem = relative.rsplit(".", 1)[0]
                 files.setdefault(stem, str(full))
@@ -309,24 +317,28 @@ class LoRALibrary:
 
     def info(self, path: Path, name: str | None = None) -> LoraInfo:
         """Header facts for one file, cached by (size, mtime). Unreadable files come back
-        with `error` set rather than raising, so a listing shows them."""
-        stat = path.stat()
-        stamp = (stat.st_size, stat.st_mtime_ns)
+        with `error` set rather than raising, so a listing shows them; so does what is
+        not a regular file (it is never opened)."""
+        facts = path.stat()
+        stamp = (facts.st_size, facts.st_mtime_ns)
         cached = self._infos.get(str(path))
         if cached is not None and cached[0] == stamp and (name is None or cached[1].name == name):
             return cached[1]
-        self.stats["header_reads"] += 1
         label = name if name is not None else path.stem
+        if not stat.S_ISREG(facts.st_mode):
+            error = f"{path.name} is {describe_mode(facts.st_mode)}, not a regular file"
+            return LoraInfo(name=label, path=str(path), size=0, error=error)
+        self.stats["header_reads"] += 1
         try:
             tensors = read_header(path)
         except LoraHeaderError as exc:
-            info = LoraInfo(name=label, path=str(path), size=stat.st_size, error=str(exc))
+            info = LoraInfo(name=label, path=str(path), size=facts.st_size, error=str(exc))
         else:
             fmt, rank = _describe(tensors)
             info = LoraInfo(
                 name=label,
                 path=str(path),
-                size=stat.st_size,
+                size=facts.st_size,
                 format=fmt,
                 rank=rank,
                 tensors=len(tensors),
@@ -337,8 +349,8 @@ class LoRALibrary:
     def sha256(self, path: Path) -> str:
         """The file's SHA-256, cached by (path, size, mtime): hashing a 600 MB LoRA takes
         seconds, and the same files come back job after job."""
-        stat = path.stat()
-        stamp = (stat.st_size, stat.st_mtime_ns)
+        facts = path.stat()
+        stamp = (facts.st_size, facts.st_mtime_ns)
         cached = self._hashes.get(str(path))
         if cached is not None and cached[0] == stamp:
             return cached[1]

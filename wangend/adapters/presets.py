@@ -17,6 +17,9 @@ words; "replace" (`full_prompt: true`): it is the whole prompt and the job's pro
 dropped. Comment lines (`#`) in a preset prompt are removed.
 
 A preset's name is its path below a root without the suffix ("anime" or "wan/anime").
+Only regular files (or links to them) are presets: a named pipe or a device with a
+preset's suffix is passed over without being opened (opening a FIFO blocks until a
+writer comes; see media/access.py `open_regular`).
 
 How to call it:
 
@@ -36,6 +39,7 @@ from typing import Any, Literal
 import msgspec
 from msgspec import Struct
 
+from ..media.access import is_regular, open_regular
 from ..protocol import LoraRef
 
 __all__ = ["PRESET_SUFFIXES", "Preset", "PresetError", "PresetInfo", "PresetLibrary"]
@@ -168,6 +172,8 @@ class PresetLibrary:
                     if filename.startswith(".") or not filename.lower().endswith(PRESET_SUFFIXES):
                         continue
                     full = Path(dirpath) / filename
+                    if not is_regular(full):
+                        continue
                     stem = full.relative_to(root).as_posix().rsplit(".", 1)[0]
                     found.setdefault(stem, full)
         return found
@@ -214,9 +220,10 @@ class PresetLibrary:
 
 def _read(name: str, path: Path) -> Preset:
     try:
-        if path.stat().st_size > MAX_PRESET_BYTES:
-            raise PresetError(f"preset {path.name} is larger than 1 MiB")
-        raw = path.read_bytes()
+        with open_regular(path) as handle:
+            raw = handle.read(MAX_PRESET_BYTES + 1)
     except OSError as exc:
         raise PresetError(f"preset {path.name} cannot be read: {exc.strerror}") from None
+    if len(raw) > MAX_PRESET_BYTES:
+        raise PresetError(f"preset {path.name} is larger than 1 MiB")
     return parse_preset(name, path, raw)

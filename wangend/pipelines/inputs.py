@@ -11,7 +11,8 @@ image-to-video models, a video for VACE or (on a Wan 2.1 T2V model) video-to-vid
 second guidance scale and boundary only for two-expert Wan 2.2 models. A field the model
 does not take, or a required one left out, is refused with InvalidParams naming the field
 and the models that do take it. Media paths become absolute, are opened far enough to
-know they decode (conditioning.probe), and their sha256 is recorded in `inputs_sha256`.
+know they decode (conditioning.probe; `audio`: that it has a sound track that decodes,
+in an audio file or a video), and their sha256 is recorded in `inputs_sha256`.
 Relative paths are taken relative to the daemon's working directory, so clients should
 send absolute ones.
 
@@ -22,7 +23,9 @@ and no template can name a path outside the output folder.
 
 from __future__ import annotations
 
+import re
 import secrets
+from pathlib import Path
 
 from ..adapters.requests import AdapterChoice, AdapterRequests
 from ..config import EngineConfig
@@ -47,6 +50,7 @@ __all__ = [
     "render_output_name",
 ]
 
+_ERRNO = re.compile(r"\[Errno -?\d+\] ")  # what PyAV puts in front of FFmpeg's words
 SEED_BITS = 32  # random seeds stay short enough to type back in
 DEFAULT_STRENGTH = 0.8  # video-to-video: how much of the source is renoised
 # What each media field may be: a VACE mask is a video or one image.
@@ -120,7 +124,14 @@ class TaskInputManager:
         check_output_name(output_name)
         audio = None
         if spec.audio is not None:
-            audio = str(self.access.check(spec.audio, "$.params.audio", "audio"))
+            path = self.access.check(spec.audio, "$.params.audio", "audio")
+            try:
+                _probe_audio(path)
+            except MediaError as exc:
+                message = f"audio: {_readable(str(exc), path)}"
+                raise InvalidParams(message, field="$.params.audio") from None
+            hashes["audio"] = sha256_file(path)
+            audio = str(path)
         e = self.engine
         choice = self.resolve_adapters(spec, record)
         return ResolvedGenerate(
@@ -181,6 +192,19 @@ class TaskInputManager:
                 )
         return AdapterChoice(prompt=spec.prompt, loras=[], preset=None, enhancer=None)
 
+    def check_enhance(self, field: str = "$.params.enhance_prompt") -> None:
+        """Refuse a wish for an enhanced prompt when this daemon has no enhancer: the
+        job would run its prompt as it stands, which is not what was asked for. Used by
+        `retry {"enhance": true}`, which asks again for a job already resolved."""
+        enhancer = self.adapters.enhancer if self.adapters is not None else None
+        if enhancer is None or enhancer.provider == "none":
+            name = field.rsplit(".", 1)[-1]
+            raise InvalidParams(
+                f"{name} needs a prompt enhancer; set [enhancer] provider to 'local' or "
+                "'remote' in the daemon's config",
+                field=field,
+            )
+
     def check_capabilities(self, record: ModelRecord, spec: GenerateSpec) -> None:
         """Refuse a field the model does not take, or a required one left out."""
         caps = record.capabilities
@@ -228,7 +252,8 @@ class TaskInputManager:
             try:
                 info = probe(path, allow=MEDIA_KINDS[field])
             except MediaError as exc:
-                raise InvalidParams(f"{key}: {exc}", field=f"$.params.{key}") from None
+                message = f"{key}: {_readable(str(exc), path)}"
+                raise InvalidParams(message, field=f"$.params.{key}") from None
             hashes[key] = sha256_file(path)
             infos[key] = info
             if field == "reference_images":
@@ -236,6 +261,33 @@ class TaskInputManager:
             else:
                 paths[field] = str(path)
         return paths, infos, hashes
+
+
+def _probe_audio(path: Path) -> None:
+    """Open `path` far enough to know it has sound that decodes: an audio file, or a
+    video with an audio track; raise MediaError saying why not. Checked at enqueue like
+    every other input: before, a text file named .wav was queued, ran, and made a silent
+    video with one line in the daemon's log as the only trace."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                what = "is a video without sound" if container.streams.video else "has no sound"
+                raise MediaError(f"{path} {what}; give an audio file or a video with sound")
+            if next(container.decode(container.streams.audio[0]), None) is None:
+                raise MediaError(f"{path} has an audio track with nothing that decodes")
+    except MediaError:
+        raise
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise MediaError(f"{path} is not a readable audio file or video ({why})") from None
+
+
+def _readable(message: str, path: Path) -> str:
+    """A media error as people read it: without the `[Errno 1094995529]` PyAV puts in
+    front of FFmpeg's words, and without the path said a second time."""
+    return _ERRNO.sub("", message).replace(f": '{path}'", "")
 
 
 def _pick(value, default):

@@ -95,6 +95,11 @@ class Inputs(Protocol):
 
     def resolve(self, spec: JobSpec) -> ResolvedJob: ...
 
+    def check_enhance(self, field: str) -> None:
+        """Refuse (InvalidParams naming `field`) a wish for an enhanced prompt when the
+        daemon has no prompt enhancer."""
+        ...
+
 
 def one_line(exc: BaseException, limit: int = MESSAGE_LIMIT) -> str:
     """`ExceptionClass: first line of the message`, cut to `limit` characters: what a
@@ -426,6 +431,9 @@ class QueueController:
         if enhance:
             if not isinstance(spec, ResolvedGenerate):
                 raise InvalidParams("only a generation has a prompt to enhance", "$.params.enhance")
+            # As enqueue does: without an enhancer the job would run the prompt as it
+            # stands, which is not what was asked for.
+            self.inputs.check_enhance("$.params.enhance")
             spec = msgspec.structs.replace(
                 spec,
                 prompt=spec.original_prompt or spec.prompt,

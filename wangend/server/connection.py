@@ -14,7 +14,15 @@ Why it is built this way:
   Past `subscriber_buffer` unsent events the bus drops the subscription and the client
   gets one final `subscription.dropped` notice. A client that stops reading blocks only
   its own writer; its reader stops taking requests while more than `read_pause_bytes` of
-  output waits, and past `max_pending_bytes` the connection is closed.
+  output waits, and past `max_pending_bytes` the connection is closed. One reply (a
+  whole batch's) may take at most half of that (`Limits.reply_limit`): the dispatcher
+  answers a larger one with -32006 and the request's id, so a client that reads is
+  never cut off by the size of what it asked for.
+* A TCP connection that has not authenticated `auth_timeout` seconds after it opened
+  gets one -32001 and is closed: the token is all that guards TCP, and a peer without
+  it must not hold a connection (and its buffers) for as long as it likes.
+* The end of the stream ends the last line: a request without its newline, followed by
+  EOF or a half-close, is answered before the connection closes.
 * Every failure of one client ends that connection quietly: an exception escaping a
   connection task would end the listener and every other connection with it.
 * Closing is lingering: flush, send EOF, then read and discard until the client closes,
@@ -57,6 +65,13 @@ class Limits:
     read_pause_bytes: int = 1024 * 1024  # stop reading requests while this much output waits
     max_pending_bytes: int = 64 * 1024 * 1024  # unsent output before the connection closes
     linger: float = 2.0  # seconds a closing connection may spend flushing
+    auth_timeout: float | None = 10.0  # seconds a TCP client has to authenticate (None: any)
+
+    @property
+    def reply_limit(self) -> int:
+        """The most one reply may take: half the output budget, so one reply that fits
+        never closes the connection by itself."""
+        return self.max_pending_bytes // 2
 
 
 class Session:
@@ -138,8 +153,23 @@ class Connection:
         else:
             self._out.append((line, is_event))
             self._wake.set()
-        if self._out_bytes > self.limits.max_pending_bytes:
-            log.warning("closing %s connection %s: it stopped reading", *self._who())
+        limit = self.limits.max_pending_bytes
+        if self._out_bytes > limit:
+            if len(line) > limit:  # not the client's doing; the dispatcher bounds replies
+                log.warning(
+                    "closing %s connection %s: one line of %d bytes is over its %d-byte "
+                    "output limit",
+                    *self._who(),
+                    len(line),
+                    limit,
+                )
+            else:
+                log.warning(
+                    "closing %s connection %s: %d bytes wait unsent (limit %d); it is not reading",
+                    *self._who(),
+                    self._out_bytes,
+                    limit,
+                )
             self.abort()
 
     def deliver(self, seq: int, line: bytes) -> bool:
@@ -242,6 +272,9 @@ class Connection:
             async with anyio.create_task_group() as tg:
                 self._scope = tg.cancel_scope
                 tg.start_soon(self._write_loop)
+                timeout = self.limits.auth_timeout
+                if timeout and not self.session.authenticated:
+                    tg.start_soon(self._auth_deadline, timeout)
                 with anyio.CancelScope() as self._read_scope:
                     await self._read_loop()
                 self._reader_done = True
@@ -270,6 +303,13 @@ class Connection:
                 continue
             try:
                 data = await receive(READ_CHUNK)
+            except anyio.EndOfStream:
+                # The client is done sending (EOF or half-close). Its last line may lack
+                # the newline; it is a request all the same. An EOF that `close()` made
+                # (Unix: the read side shut down) ends reading, nothing more.
+                if not self._closing:
+                    await self._dispatch(framer.finish())
+                return
             except _GONE:
                 return
             try:
@@ -285,15 +325,27 @@ class Connection:
 
     async def _dispatch(self, lines: list[bytes]) -> None:
         handle = self.dispatcher.handle_line
+        limit = self.limits.reply_limit
         for line in lines:
             if self._closing:
                 return
             self._busy = True
             try:
-                reply = await handle(line, self.session)
+                reply = await handle(line, self.session, reply_limit=limit)
             finally:
                 self._busy = False
             self._reply(reply)
+
+    async def _auth_deadline(self, seconds: float) -> None:
+        """Close a connection that has not authenticated `seconds` after it opened,
+        saying why (one -32001 with id null). Cancelled with the connection."""
+        await anyio.sleep(seconds)
+        if self.session.authenticated or self._closing:
+            return
+        log.info("closing %s connection %s: no auth within %g s", *self._who(), seconds)
+        message = f"no successful auth within {seconds:g} s of connecting; closing"
+        line = self.dispatcher.error_line(ErrorCode.UNAUTHORIZED, message, {"timeout": seconds})
+        self.close(line + b"\n")
 
     async def _write_loop(self) -> None:
         out = self._out

@@ -59,7 +59,7 @@ from ..protocol import (
 from ..queue.controller import QueueController
 from ..queue.store import JobStore
 from .engine import Engine
-from .events import EventBus
+from .events import EventBus, notification_line
 from .rpc import build_dispatcher
 from .statedir import (
     StartupError,
@@ -170,6 +170,7 @@ class Daemon:
             self.bus,
             max_line_bytes=cfg.max_line_bytes,
             subscriber_buffer=cfg.subscriber_buffer,
+            auth_timeout=cfg.auth_timeout,
         )
 
     def _warn_if_exposed(self) -> None:
@@ -286,10 +287,10 @@ class Daemon:
         grace = self.config.stop_grace if mode == "graceful" else 0.0
         log.info("shutting down (%s%s)", mode, f", {grace:g} s grace" if grace else "")
         self.notifier.stopping(f"stopping ({mode})")
-        self.bus.publish("daemon.stopping", None, {"mode": mode, "grace": grace})
+        stopping = self.bus.publish("daemon.stopping", None, {"mode": mode, "grace": grace})
         with anyio.CancelScope(shield=True):
             await self.controller.stop(mode, grace=grace)
-            await self.server.close()
+            await self.server.close(goodbye=notification_line(stopping))
 
     async def _report_status(self) -> None:
         """Keep systemd's STATUS= current: woken by any event, at most once a second."""

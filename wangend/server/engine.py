@@ -120,6 +120,11 @@ class Engine:
         with self._lock:
             return self.router.resolve(spec)
 
+    def check_enhance(self, field: str) -> None:
+        """The controller's check before `retry {"enhance": true}`. No lock: it only
+        reads which enhancer is configured, and must not wait behind a long resolve."""
+        self.generation_inputs.check_enhance(field)
+
     def sweep_resume_points(self, queued: Collection[int]) -> None:
         """At start: drop the resume points of jobs that will not run again (they ended,
         or were removed, while the daemon was down)."""

@@ -4,7 +4,9 @@ This module exists so framing can be read and tested on its own (tests/server/
 test_framing.py feeds it bytes; no socket is involved). A line is refused as soon as the
 bytes buffered for it pass the cap, before its newline arrives, so a client cannot make
 the daemon buffer an endless line. The connection that owns a framer (connection.py)
-turns `LineTooLong` into a -32006 reply and closes.
+turns `LineTooLong` into a -32006 reply and closes. At the end of the stream `finish()`
+hands out a last line that has no newline: `printf '{...}' | socat - UNIX-CONNECT:...`
+sends exactly that, and dropping it without a word left the user with no clue.
 """
 
 from __future__ import annotations
@@ -59,6 +61,14 @@ class LineFramer:
             self._partial += len(rest)
             if self._partial > self.limit:
                 raise LineTooLong(self.limit, lines)
+        return lines
+
+    def finish(self) -> list[bytes]:
+        """The stream has ended: the unterminated last line, if it holds anything."""
+        lines: list[bytes] = []
+        if self._parts:
+            line, self._parts, self._partial = b"".join(self._parts), [], 0
+            self._take(line, lines)
         return lines
 
     def _take(self, line: bytes, lines: list[bytes]) -> None:

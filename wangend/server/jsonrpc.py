@@ -14,6 +14,17 @@ errors its own way, answers a whole batch with one -32600, validates slowly and 
 * A batch is answered element by element, in request order: `[]` is one -32600,
   `[1,2,3]` three; notifications add nothing; a batch of notifications gets no reply.
   If any element is not decodable JSON the whole line is -32700 and nothing runs.
+* A batch holds at most `max_batch` (1000) elements; a longer one is one -32600 naming
+  the limit and nothing in it runs. Without the cap a 1 MiB line of `[1,1,...]` made
+  half a million replies (40 MB) on the event loop, before any auth, for anyone.
+* A caller may bound the size of one reply (`reply_limit`, the connection's share of
+  its output budget): a result that does not fit becomes -32006 with the request's id,
+  so the client hears why instead of losing the connection. In a batch the bound is
+  for all the replies together; every element still runs and is answered, the ones
+  that no longer fit with that small error.
+* Without auth (`ctx.authenticated` False) every method but the open ones (`auth`)
+  answers -32001, unknown names included, so a peer without the token cannot learn
+  which methods exist.
 * Params are decoded straight into the method's msgspec Struct, so -32602 names the
   field: `data: {"field": "$.params.steps", "message": ...}`. Params are by name (an
   object). A method declared `positional=True` also takes an array, mapped onto the
@@ -48,7 +59,7 @@ import msgspec
 from ..errors import WangenError, invalid_params_from
 from ..protocol import ErrorCode
 
-__all__ = ["Context", "Dispatcher", "Handler", "Method"]
+__all__ = ["MAX_BATCH", "Context", "Dispatcher", "Handler", "Method"]
 
 log = logging.getLogger("wangend.rpc")
 
@@ -65,6 +76,9 @@ _MESSAGES = {
 }
 _HEAD = b'{"jsonrpc":"2.0","id":'
 _NULL_ID = b"null"
+# Elements one batch may hold. 1000 replies of the largest ordinary kind stay far below a
+# connection's output budget, and no batch can keep the event loop for long.
+MAX_BATCH = 1000
 
 Handler = Callable[[Any, Any], Awaitable[Any]]
 
@@ -144,6 +158,16 @@ def _valid_id(value: Any) -> bool:
     return value is None or (type(value) in (str, int, float))
 
 
+def _log_over(names: list[str], limit: int | None) -> None:
+    if names:
+        log.warning(
+            "%d replies (%s) were over the %s-byte reply limit; each was sent as -32006",
+            len(names),
+            ", ".join(sorted(set(names))),
+            limit,
+        )
+
+
 def _invalid_params(exc: msgspec.ValidationError) -> _Failure:
     """-32602 whose data names the field (`$.params.steps`, `$.params.prompt`)."""
     error = invalid_params_from(exc)
@@ -162,6 +186,7 @@ class Dispatcher:
         methods: Mapping[str, Method] | Iterable[Method],
         *,
         engine: Literal["direct", "jsonrpcserver"] = "direct",
+        max_batch: int = MAX_BATCH,
     ) -> None:
         listed = list(methods.values()) if isinstance(methods, Mapping) else list(methods)
         self._methods = {m.name: _Bound(m) for m in listed}
@@ -170,6 +195,9 @@ class Dispatcher:
         if engine not in ("jsonrpcserver", "direct"):
             raise ValueError(f"unknown engine {engine!r}")
         self.engine = engine
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.max_batch = max_batch
         self._encode = msgspec.json.Encoder().encode
         self._decode_envelope = msgspec.json.Decoder(_Envelope).decode
         self._decode_batch = msgspec.json.Decoder(list[msgspec.Raw]).decode
@@ -182,8 +210,14 @@ class Dispatcher:
 
     # --- entry point -----------------------------------------------------------------
 
-    async def handle_line(self, line: bytes, ctx: Context) -> bytes | None:
-        """Answer one line (without its newline); None when nothing must be sent."""
+    async def handle_line(
+        self, line: bytes, ctx: Context, *, reply_limit: int | None = None
+    ) -> bytes | None:
+        """Answer one line (without its newline); None when nothing must be sent.
+
+        `reply_limit`: the most bytes the reply may take (None: no bound); see the
+        module docstring.
+        """
         if not line.isascii():  # cheap for the usual ASCII line; msgspec skips Raw's UTF-8
             try:
                 line.decode("utf-8")
@@ -193,14 +227,17 @@ class Dispatcher:
         while i < len(line) and line[i] in b" \t\r\n":
             i += 1
         if line[i : i + 1] == b"[":
-            return await self._handle_batch(line, ctx)
+            return await self._handle_batch(line, ctx, reply_limit)
         try:
             env = self._decode_envelope(line)
         except msgspec.ValidationError:  # JSON, but not an object (or unreadable numbers)
             return self._error_line(None, _Failure(self._not_a_request(line)))
         except _DECODE_ERRORS:
             return self._error_line(None, _Failure(ErrorCode.PARSE_ERROR))
-        return await self._answer(env, ctx)
+        over: list[str] = []
+        reply = await self._answer(env, ctx, reply_limit, over)
+        _log_over(over, reply_limit)
+        return reply
 
     def error_line(self, code: int, message: str, data: Any = None) -> bytes:
         """An error reply with id null, for errors found outside a request (the transport's
@@ -209,13 +246,24 @@ class Dispatcher:
 
     # --- batches -----------------------------------------------------------------------
 
-    async def _handle_batch(self, line: bytes, ctx: Context) -> bytes | None:
+    async def _handle_batch(
+        self, line: bytes, ctx: Context, reply_limit: int | None
+    ) -> bytes | None:
         try:
             elements = self._decode_batch(line)
         except _DECODE_ERRORS:
             return self._error_line(None, _Failure(ErrorCode.PARSE_ERROR))
         if not elements:
             return self._error_line(None, _Failure(ErrorCode.INVALID_REQUEST))
+        if len(elements) > self.max_batch:
+            # Refused as a whole, like `[]`: the specification's single Response for a
+            # batch that cannot be processed as one. Nothing in it has run.
+            message = (
+                f"a batch may hold at most {self.max_batch} requests; this one holds "
+                f"{len(elements)} (nothing was run)"
+            )
+            failure = _Failure(ErrorCode.INVALID_REQUEST, message, {"limit": self.max_batch})
+            return self._error_line(None, failure)
         # Decode every element before running any, so an undecodable one fails the line.
         decoded: list[_Envelope | None] = []
         for raw in elements:
@@ -228,13 +276,18 @@ class Dispatcher:
             except _DECODE_ERRORS:
                 return self._error_line(None, _Failure(ErrorCode.PARSE_ERROR))
         replies = []
+        left = reply_limit  # what the replies still may take, all together
+        over: list[str] = []
         for env in decoded:
             if env is None:
-                replies.append(self._error_line(None, _Failure(ErrorCode.INVALID_REQUEST)))
-                continue
-            reply = await self._answer(env, ctx)
+                reply = self._error_line(None, _Failure(ErrorCode.INVALID_REQUEST))
+            else:
+                reply = await self._answer(env, ctx, left, over)
             if reply is not None:
                 replies.append(reply)
+                if left is not None:
+                    left = max(left - len(reply) - 1, 0)
+        _log_over(over, reply_limit)
         return b"[" + b",".join(replies) + b"]" if replies else None
 
     def _not_a_request(self, raw: Any) -> int:
@@ -247,20 +300,27 @@ class Dispatcher:
 
     # --- one request ---------------------------------------------------------------------
 
-    async def _answer(self, env: _Envelope, ctx: Context) -> bytes | None:
+    async def _answer(
+        self, env: _Envelope, ctx: Context, limit: int | None, over: list[str]
+    ) -> bytes | None:
+        """The reply to one request, fitted into `limit` bytes; the names of methods
+        whose reply did not fit are added to `over` (for one log line per request line)."""
         notification = env.id is _UNSET
         rid = env.id if not notification and _valid_id(env.id) else None
+        name = env.method if type(env.method) is str else "?"
         try:
             bound = self._lookup(env, ctx)
             params = self._decode_params(bound, env.params)
         except _Failure as failure:
             if notification and failure.code != ErrorCode.INVALID_REQUEST:
                 return None
-            return self._error_line(rid, failure)
+            return self._fitted(rid, self._error_line(rid, failure), limit, name, over)
         try:
             result = await self._call(bound.method, ctx, params)
         except _Failure as failure:
-            return None if notification else self._error_line(rid, failure)
+            if notification:
+                return None
+            return self._fitted(rid, self._error_line(rid, failure), limit, name, over)
         if notification:
             return None
         try:
@@ -268,7 +328,26 @@ class Dispatcher:
         except _ENCODE_ERRORS:
             log.exception("the result of %s cannot be encoded", bound.method.name)
             return self._error_line(rid, _Failure(ErrorCode.INTERNAL_ERROR))
-        return _HEAD + self._encode(rid) + b',"result":' + body + b"}"
+        reply = _HEAD + self._encode(rid) + b',"result":' + body + b"}"
+        return self._fitted(rid, reply, limit, name, over)
+
+    def _fitted(
+        self, rid: Any, reply: bytes, limit: int | None, name: str, over: list[str]
+    ) -> bytes:
+        """`reply`, or when it is over `limit` bytes a -32006 saying so, with its id.
+        A reply no larger than that error is sent as it is: replacing it saves nothing."""
+        if limit is None or len(reply) <= limit:
+            return reply
+        message = (
+            f"the reply would take {len(reply)} bytes, more than the {limit} this connection "
+            "may still be sent at once; the call ran, ask for less (e.g. a smaller `limit`)"
+        )
+        data = {"limit": limit, "size": len(reply)}
+        error = self._error_line(rid, _Failure(ErrorCode.REQUEST_TOO_LARGE, message, data))
+        if len(error) >= len(reply):
+            return reply
+        over.append(name)
+        return error
 
     def _lookup(self, env: _Envelope, ctx: Context) -> _Bound:
         if env.jsonrpc != "2.0" or type(env.method) is not str:
@@ -278,17 +357,21 @@ class Dispatcher:
         if env.params is not _UNSET and memoryview(env.params)[0] not in b"{[":
             raise _Failure(ErrorCode.INVALID_REQUEST)  # params must be structured
         bound = self._methods.get(env.method)
+        if not ctx.authenticated and (bound is None or bound.method.requires_auth):
+            raise _Failure(ErrorCode.UNAUTHORIZED)  # unknown names too: nothing to learn
         if bound is None:
             raise _Failure(ErrorCode.METHOD_NOT_FOUND)
-        if bound.method.requires_auth and not ctx.authenticated:
-            raise _Failure(ErrorCode.UNAUTHORIZED)
         return bound
 
     def _decode_params(self, bound: _Bound, raw: Any) -> Any:
         method = bound.method
         if bound.decode is None:
-            if raw is not _UNSET and self._decode_structured(raw):
-                raise _params_error(f"{method.name} takes no params")
+            given = self._decode_structured(raw) if raw is not _UNSET else None
+            if given:
+                # Name what was given, as every other -32602 names its field.
+                first = next(iter(given))
+                field = f"$.params.{first}" if isinstance(given, dict) else "$.params[0]"
+                raise _params_error(f"{method.name} takes no params", field)
             return None
         if raw is _UNSET:
             if not bound.struct:

@@ -79,8 +79,11 @@ def build_methods(services: Services) -> list[Method]:
             raise ShuttingDown("the daemon is shutting down and takes no new work")
 
     async def auth(session: Session, p: AuthParams) -> OkResult:
-        if session.authenticated:  # the Unix socket (its 0600 mode is the check), or again
+        if session.kind == "unix":  # the socket's 0600 mode is the check; no token here
             return OkResult()
+        # Checked every time, also on a connection that already passed: a tool that
+        # tests a token over an open connection must hear the truth. A wrong token does
+        # not undo an earlier right one (the connection stays as it was).
         if not services.check_token(p.token):
             await anyio.sleep(WRONG_TOKEN_DELAY)
             raise Unauthorized("wrong token")

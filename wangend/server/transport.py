@@ -60,12 +60,15 @@ class Server:
         *,
         max_line_bytes: int = MAX_LINE_BYTES,
         subscriber_buffer: int = 4096,
+        auth_timeout: float | None = 10.0,
         limits: Limits | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.bus = bus
         self.limits = limits or Limits(
-            max_line_bytes=max_line_bytes, subscriber_buffer=subscriber_buffer
+            max_line_bytes=max_line_bytes,
+            subscriber_buffer=subscriber_buffer,
+            auth_timeout=auth_timeout or None,
         )
         self._connections: set[Connection] = set()
         self._listeners: list[tuple[anyio.abc.SocketListener, str]] = []
@@ -171,17 +174,17 @@ class Server:
                 if os.stat(path).st_ino == inode:  # never another daemon's socket
                     path.unlink()
 
-    async def close(self, grace: float = 2.0) -> None:
-        """Stop accepting, send every client a final notice, flush, close within `grace`.
+    async def close(self, grace: float = 2.0, goodbye: bytes | None = None) -> None:
+        """Stop accepting, flush, close every connection within `grace`.
 
-        Subscribed clients are expected to have had the daemon's `daemon.stopping` event
-        through the bus; the others get it here as a notice of their own (seq 0).
+        `goodbye` is the last line for every client that is not subscribed: the daemon
+        hands in its `daemon.stopping` event, so those clients get the very event (same
+        seq, same data) that subscribers had through the bus: one shape for everyone.
         """
         self._closing = True
         await self._close_listeners()
-        notice = self.bus.notice("daemon.stopping", {"reason": "the daemon is shutting down"})
         for conn in list(self._connections):
-            conn.close(None if conn.session.subscribed else notice, linger=grace)
+            conn.close(None if conn.session.subscribed else goodbye, linger=grace)
         if self._connections:
             with anyio.move_on_after(grace + 0.5):
                 await self._idle.wait()
