@@ -8,6 +8,8 @@
     ├── ModelUnavailable        -32004  unknown model, or its files are missing/partial
     ├── ShuttingDown            -32005  the daemon is stopping and takes no new work
     ├── RequestTooLarge         -32006  a line over the size cap; the connection closes
+    ├── StoreUnavailable        -32603  the queue database cannot be written (a full disk),
+                                        said in words instead of a bare "Internal error"
     └── InvalidInput            -32007  reserved; input files are refused as InvalidParams,
                                         which names the field
     JobFailure                  raised inside a run; becomes the job's `error`, never an RPC error
@@ -78,6 +80,11 @@ class ShuttingDown(WangenError):
 
 class RequestTooLarge(WangenError):
     code = ErrorCode.REQUEST_TOO_LARGE
+
+
+class StoreUnavailable(WangenError):
+    """The queue database refused a write (a full disk, a read-only file system). Nothing
+    of the call took effect; the message says why, so a client can tell the user."""
 
 
 class InvalidInput(WangenError):

@@ -466,6 +466,9 @@ class StatusResult(Struct, kw_only=True):
     # When this process started (Unix time): with `pid`, names the daemon process, so a
     # client can tell a restart from a gap in its events.
     started_at: float = 0.0
+    # Why the daemon paused the queue itself (an output folder it cannot write); None
+    # for a pause a user asked for.
+    pause_reason: str | None = None
 
 
 class JobsResult(Struct, kw_only=True):

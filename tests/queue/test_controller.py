@@ -11,6 +11,7 @@ step without any sleeping.
 from __future__ import annotations
 
 import logging
+import shutil
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -21,7 +22,13 @@ from typing import Any
 import anyio
 import pytest
 
-from wangend.errors import InvalidParams, ModelUnavailable, ShuttingDown, WrongState
+from wangend.errors import (
+    InvalidParams,
+    ModelUnavailable,
+    ShuttingDown,
+    StoreUnavailable,
+    WrongState,
+)
 from wangend.pipelines.inputs import TaskInputManager
 from wangend.pipelines.production import ProductionManager
 from wangend.pipelines.resume import ResumeStore
@@ -605,3 +612,134 @@ async def test_a_restart_recovers_interrupted_jobs_and_keeps_the_queue_paused(
             restarted.resume()
             await recorder.wait_for(ended(job))
         assert reopened.get(job).state == "succeeded" and reopened.get(job).attempts == 2
+
+
+async def test_an_acknowledged_abort_holds_across_a_crash(
+    controller: QueueController,
+    recorder: Recorder,
+    runtime: GenerationRuntime,
+    inputs: TaskInputManager,
+    db_path: Path,
+    tmp_path: Path,
+) -> None:
+    """`abort` answered, then kill -9 before the worker unwound: the job must not come
+    back and run to its end. The queue file is copied the moment the abort is answered:
+    what a kill then leaves on disk."""
+    job = controller.enqueue(spec(steps=4)).job
+    crashed = tmp_path / "as-killed.sqlite3"
+
+    def abort_then_kill(event: Event) -> None:
+        assert controller.abort(job).state == "running"  # acknowledged
+        with sqlite3.connect(db_path) as live, sqlite3.connect(crashed) as copy:
+            live.backup(copy)
+
+    recorder.when(on("job.progress", job, 1), abort_then_kill)
+    async with serving(controller):
+        await recorder.wait_for(ended(job))
+    with JobStore(crashed) as on_disk:
+        assert on_disk.get(job).state == "running"  # the kill came first
+        QueueController(on_disk, runtime, inputs, recorder)  # the next start
+        record = on_disk.get(job)
+        assert record.state == "aborted" and record.outputs == []
+        assert "the daemon stopped before the abort landed" in record.error.message
+        assert on_disk.get_meta("aborting") is None
+    assert recorder.of(job)[-1].type == "job.aborted"
+
+
+async def test_a_queue_file_that_refuses_writes_holds_the_queue_and_loses_nothing(
+    controller: QueueController,
+    recorder: Recorder,
+    store: JobStore,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A full disk (here: SQLite told to refuse writes, the same OperationalError): the
+    calls that need a write say why, the finished job's end waits in memory, no next
+    job starts, and once writes work again both go through. Nothing crashes."""
+    monkeypatch.setattr("wangend.queue.controller.SETTLE_RETRY", 0.05)
+    job = controller.enqueue(spec(steps=3)).job
+    nxt = controller.enqueue(spec("next")).job
+    refusals: list[str] = []
+
+    def disk_fills(event: Event) -> None:
+        store._db.execute("PRAGMA query_only = 1")  # the disk is full now
+        for call in (lambda: controller.pause(), lambda: controller.enqueue(spec("more"))):
+            with pytest.raises(StoreUnavailable) as refused:
+                call()
+            refusals.append(refused.value.message)
+
+    recorder.when(on("job.progress", job, 1), disk_fills)
+    caplog.set_level(logging.ERROR, "wangend.queue.controller")
+    async with serving(controller):
+        with anyio.fail_after(30):
+            while "its end cannot be recorded" not in caplog.text:
+                await anyio.sleep(0.05)
+        await anyio.sleep(0.3)  # several retries
+        assert store.get(job).state == "running" and "job.succeeded" not in recorder.types(job)
+        assert recorder.types(nxt) == ["job.queued"]  # held: nothing else started
+        store._db.execute("PRAGMA query_only = 0")  # space freed
+        await recorder.wait_for(ended(nxt))
+    assert store.get(job).state == "succeeded" and store.get(nxt).state == "succeeded"
+    assert all("cannot be written: attempt to write a readonly database" in r for r in refusals)
+    assert len(refusals) == 2
+
+
+async def test_an_output_folder_that_cannot_be_written_holds_the_queue_before_a_job_runs(
+    production: ProductionManager,
+    inputs: TaskInputManager,
+    recorder: Recorder,
+    store: JobStore,
+    tmp_path: Path,
+) -> None:
+    """Nothing runs to its end only to fail saving: the queue pauses, saying why."""
+    (tmp_path / "disk").write_text("a file where the output folder's parent should be")
+    runtime = GenerationRuntime(production, tmp_path / "disk" / "out")
+    controller = QueueController(store, runtime, inputs, recorder)
+    job = controller.enqueue(spec()).job
+    async with serving(controller):
+        paused = await recorder.wait_for(lambda e: e.type == "queue.paused")
+        reason = paused.data["reason"]
+        assert f"the output folder {tmp_path / 'disk' / 'out'} cannot be written" in reason
+        assert paused.data["mode"] == "now" and controller.pause_reason == reason
+        assert recorder.types(job) == ["job.queued"] and store.get(job).attempts == 0
+        (tmp_path / "disk").unlink()  # the user fixes it
+        controller.resume()
+        await recorder.wait_for(ended(job))
+    assert controller.job(job).state == "succeeded" and controller.pause_reason is None
+
+
+async def test_a_job_that_cannot_save_waits_for_the_folder_instead_of_failing(
+    production: ProductionManager,
+    inputs: TaskInputManager,
+    recorder: Recorder,
+    store: JobStore,
+    tmp_path: Path,
+) -> None:
+    """The folder goes while a job denoises: the job goes back to the queue (nothing of
+    it lost, its attempt given back), the queue pauses with the reason instead of
+    running the next job to the same end, and once the folder is back a resume
+    finishes both jobs."""
+    disk = tmp_path / "disk"
+    runtime = GenerationRuntime(production, disk / "out")
+    controller = QueueController(store, runtime, inputs, recorder)
+    job = controller.enqueue(spec(steps=3)).job
+    nxt = controller.enqueue(spec("next")).job
+
+    def unmount(event: Event) -> None:
+        shutil.rmtree(disk, ignore_errors=True)
+        disk.write_text("not a folder any more")
+
+    recorder.when(on("job.progress", job, 1), unmount)
+    async with serving(controller):
+        paused = await recorder.wait_for(lambda e: e.type == "queue.paused")
+        assert "cannot be written: Not a directory" in paused.data["reason"]
+        assert store.get(job).state == "queued" and store.get(nxt).state == "queued"
+        requeued = [e for e in recorder.of(job) if e.type == "job.queued"][-1]
+        assert requeued.data["requeued"] == "held"
+        assert "job.failed" not in recorder.types(job) and "job.started" not in recorder.types(nxt)
+        disk.unlink()
+        controller.resume()
+        await recorder.wait_for(ended(nxt))
+    assert store.get(job).state == "succeeded" and store.get(nxt).state == "succeeded"
+    # The attempt the folder cut short is given back, as a graceful stop's is.
+    assert store.get(job).attempts == 1 and store.get(nxt).attempts == 1

@@ -20,6 +20,9 @@ heal by waiting and fail at once. The final failure is
 `JobFailure("OutputWriteFailed", "could not write <path>: <reason> ...")`.
 
 Use: `publish(folder, stem, ".mp4", encode_into, policy)` returns the final Path.
+`folder_problem(folder)` says, before a job starts, why nothing could be written there
+now (read-only, no permission, nearly full), so the queue holds instead of running job
+after job to the end only to fail each one at its last step.
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ import msgspec
 from ..errors import JobFailure
 
 __all__ = [
+    "MIN_FREE_BYTES",
     "RETRYABLE_ERRNOS",
     "RetryPolicy",
+    "folder_problem",
     "fsync_dir",
     "publish",
     "replace_durably",
@@ -47,6 +52,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("wangend.media")
+
+# Less free space than this in the output folder holds the queue: a 720p video is a few
+# MB, and a disk this full is one a finished render would fail on.
+MIN_FREE_BYTES = 64 << 20
 
 T = TypeVar("T")
 
@@ -218,3 +227,26 @@ def fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def folder_problem(folder: Path | str, min_free: int = MIN_FREE_BYTES) -> str | None:
+    """Why outputs cannot be written into `folder` now, in words, or None: it cannot be
+    made, a file cannot be created in it (read-only, no permission), or less than
+    `min_free` bytes are free. A probe file is created and removed; nothing else."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        stats = os.statvfs(folder)
+        probe = folder / f".wangend-probe.{secrets.token_hex(4)}"
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        probe.unlink()
+    except OSError as exc:
+        return f"the output folder {folder} cannot be written: {_reason(exc)}"
+    free = stats.f_bavail * stats.f_frsize
+    if free < min_free:
+        return (
+            f"the output folder {folder} is nearly full: {free >> 20} MB free, "
+            f"{min_free >> 20} MB needed to start a job"
+        )
+    return None

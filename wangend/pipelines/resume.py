@@ -212,8 +212,9 @@ class ResumeStore:
                 os.fsync(handle.fileno())
             os.replace(temp, final)
             fsync_dir(self.folder)
-        except OSError as exc:
-            log.warning("job %d: resume point not written: %s", job_id, exc.strerror or exc)
+        except Exception as exc:  # OSError, and safetensors' own error for a full disk
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            log.warning("job %d: resume point not written: %s", job_id, why)
             return False
         finally:
             temp.unlink(missing_ok=True)

@@ -35,6 +35,7 @@ import torch
 from ..adapters.lora_injection import LoRAInjectionManager
 from ..adapters.prompt_enhancer import EnhanceContext, PromptEnhancerBridge
 from ..errors import JobFailure, ModelUnavailable
+from ..media.atomic import folder_problem
 from ..media.metadata import MetadataState
 from ..media.naming import render_output_name
 from ..media.persistence import MediaPersistenceContext, write_video
@@ -127,6 +128,10 @@ class GenerationRuntime:
     def resume_step(self, job_id: int) -> int | None:
         """The step a cut-off job's resume point holds (None without one)."""
         return self.resume.peek(job_id) if self.resume is not None else None
+
+    def output_problem(self) -> str | None:
+        """Why outputs cannot be written into the output folder now, or None."""
+        return folder_problem(self.output_dir)
 
     def finished(self, job_id: int) -> bool:
         """An earlier attempt wrote and noted every output: a rerun only returns them."""

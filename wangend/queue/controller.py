@@ -13,14 +13,22 @@ Three rules hold everywhere below:
 
 Construction recovers what an unclean stop left behind (`store.recover`) and restores the
 pause latch from the store, so a daemon killed with -9 comes back with the same queue and
-a paused queue stays paused. There is no separate start step: a controller that exists
-is consistent with its store.
+a paused queue stays paused; an abort that was acknowledged but had not landed ends the
+job `aborted`. There is no separate start step: a controller that exists is consistent
+with its store.
+
+A store that cannot be written (StoreUnavailable: a full disk) never takes the daemon
+down. A call that needs a write answers with the reason. A run's outcome is tried again
+every SETTLE_RETRY seconds, holding the queue (no next job starts) until it is written
+or the daemon stops, when the next start's recovery settles the job.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import anyio
@@ -29,7 +37,14 @@ import anyio.from_thread
 import anyio.to_thread
 import msgspec
 
-from ..errors import InvalidParams, JobFailure, ShuttingDown, UnknownJob, WrongState
+from ..errors import (
+    InvalidParams,
+    JobFailure,
+    ShuttingDown,
+    StoreUnavailable,
+    UnknownJob,
+    WrongState,
+)
 from ..pipelines.control import JobAborted, JobControl, RunHooks
 from ..protocol import (
     TERMINAL_STATES,
@@ -59,6 +74,12 @@ PAUSE_META_KEY = "pause_mode"
 # The job a "pause after_current" lets finish. Stored, so a stop or a crash that sends
 # it back to the queue does not leave it waiting behind the pause it was exempt from.
 FINISHING_META_KEY = "pause_finishes"
+# The running job an acknowledged abort is on its way to: stored, so a crash before the
+# worker unwinds does not bring the job back to run to its end.
+ABORT_META_KEY = "aborting"
+# Why the daemon itself paused the queue (an output folder it cannot write), until resumed.
+PAUSE_REASON_META_KEY = "pause_reason"
+SETTLE_RETRY = 2.0  # seconds between tries to record an outcome the store refused
 STOP_MODES = ("graceful", "finish")
 MESSAGE_LIMIT = 300  # characters of an unexpected exception kept in a job's error
 
@@ -79,6 +100,11 @@ class Worker(Protocol):
     def forget(self, job_id: int, succeeded: bool = False) -> None:
         """The job's end is recorded: drop what a rerun of it would have used (and,
         unless it `succeeded`, outputs an attempt named but never noted)."""
+        ...
+
+    def output_problem(self) -> str | None:
+        """Why outputs cannot be written now (a read-only or full output folder), or
+        None. Asked before each job starts and after a job fails writing its output."""
         ...
 
     def finished(self, job_id: int) -> bool:
@@ -139,9 +165,22 @@ class QueueController:
         if pause_mode not in PAUSE_MODES:
             pause_mode = None
         self.state = QueueStateTracker(pause_mode)
+        self.pause_reason = store.get_meta(PAUSE_REASON_META_KEY) if pause_mode else None
 
     def _recover(self) -> None:
-        recovery = self.store.recover(self.max_attempts, self.worker.finished)
+        aborting = self.store.get_meta(ABORT_META_KEY)
+        recovery = self.store.recover(
+            self.max_attempts,
+            self.worker.finished,
+            aborting=[int(aborting)] if aborting and aborting.isdigit() else [],
+        )
+        for job_id in recovery.aborted:
+            record = self.store.get(job_id)
+            log.warning("job %d: its abort is carried out now, after the last stop", job_id)
+            self.publish("job.aborted", job_id, {"error": msgspec.to_builtins(record.error)})
+            self._forget(job_id)
+        if aborting:
+            self.store.set_meta(ABORT_META_KEY, None)
         for job_id in recovery.requeued:
             log.warning("job %d was interrupted by the last stop; it is queued again", job_id)
             self._announce_queued(self.store.get(job_id), reason="recovered")
@@ -169,6 +208,10 @@ class QueueController:
         task_status.started()
         while not self._stopping:
             record = self._next()
+            problem = self.worker.output_problem() if record is not None else None
+            if problem is not None:
+                self._hold(problem)  # paused now: _next() gives nothing until resumed
+                continue
             if record is None:
                 # No await between the check and the new Event, so no kick is lost.
                 self._wake = anyio.Event()
@@ -199,37 +242,72 @@ class QueueController:
             "job.started", record.id, {"attempt": record.attempts, "model": record.spec.model}
         )
         log.info("job %d started (attempt %d, %s)", record.id, record.attempts, record.spec.model)
+        outcome: Callable[[], None]
         try:
-            # abandon_on_cancel=False: cancelling the loop waits for the worker to return,
-            # so an outcome is never lost and a second job never overlaps the first.
-            outputs = await anyio.to_thread.run_sync(
-                self.worker.run,
-                record.id,
-                record.spec,
-                control,
-                _LoopHooks(self, record.id),
-                abandon_on_cancel=False,
-                limiter=self._limiter,
-            )
-        except JobAborted:
-            self._unwound(running)
-        except JobFailure as exc:
-            self._failed(record.id, JobError(type=exc.kind, message=exc.message))
-        except Exception as exc:
-            log.exception("job %d failed with an unexpected error", record.id)
-            self._failed(record.id, JobError(type="InternalError", message=one_line(exc)))
-        else:
-            done = self.store.transition(
-                record.id, "succeeded", allowed_from=LIVE_STATES, outputs=outputs
-            )
-            self.publish("job.succeeded", done.id, {"outputs": done.outputs})
-            log.info("job %d succeeded: %s", done.id, ", ".join(done.outputs))
+            try:
+                # abandon_on_cancel=False: cancelling the loop waits for the worker to
+                # return, so an outcome is never lost and two jobs never overlap.
+                outputs = await anyio.to_thread.run_sync(
+                    self.worker.run,
+                    record.id,
+                    record.spec,
+                    control,
+                    _LoopHooks(self, record.id),
+                    abandon_on_cancel=False,
+                    limiter=self._limiter,
+                )
+            except JobAborted:
+                outcome = functools.partial(self._unwound, running)
+            except JobFailure as exc:
+                problem = self.worker.output_problem() if exc.kind == "OutputWriteFailed" else None
+                if problem is not None:  # the folder, not the job: it waits for the fix
+                    outcome = functools.partial(self._held_back, record.id, problem)
+                else:
+                    error = JobError(type=exc.kind, message=exc.message)
+                    outcome = functools.partial(self._failed, record.id, error)
+            except Exception as exc:
+                log.exception("job %d failed with an unexpected error", record.id)
+                error = JobError(type="InternalError", message=one_line(exc))
+                outcome = functools.partial(self._failed, record.id, error)
+            else:
+                outcome = functools.partial(self._succeeded, record.id, outputs)
+            await self._settle(record.id, outcome)
         finally:
             self.state.end()
             try:
                 self._after(record.id)
             finally:
                 done_event.set()  # a stop waits on it, whatever happened above
+
+    async def _settle(self, job_id: int, record_outcome: Callable[[], None]) -> None:
+        """Record a run's outcome. While the store refuses the write (a full disk) the
+        queue holds: one ERROR line, then a try every SETTLE_RETRY seconds, until it is
+        written or the daemon stops (the job stays `running` in the store, and the next
+        start's recovery settles it)."""
+        warned = False
+        while True:
+            try:
+                record_outcome()
+                if warned:
+                    log.warning("job %d: its end is recorded; the queue goes on", job_id)
+                return
+            except StoreUnavailable as exc:
+                if self._stopping:
+                    why = f"{exc.message}; the next start settles it"
+                    log.error("job %d: its end is not recorded: %s", job_id, why)
+                    return
+                if not warned:
+                    why = (
+                        f"{exc.message}; no job starts until it is (tried every {SETTLE_RETRY:g} s)"
+                    )
+                    log.error("job %d: its end cannot be recorded: %s", job_id, why)
+                    warned = True
+            await anyio.sleep(SETTLE_RETRY)
+
+    def _succeeded(self, job_id: int, outputs: list[str]) -> None:
+        done = self.store.transition(job_id, "succeeded", allowed_from=LIVE_STATES, outputs=outputs)
+        self.publish("job.succeeded", done.id, {"outputs": done.outputs})
+        log.info("job %d succeeded: %s", done.id, ", ".join(done.outputs))
 
     def _after(self, job_id: int) -> None:
         """Housekeeping once a run is over: an ended job's resume files go (the worker
@@ -239,8 +317,9 @@ class QueueController:
             if state not in TERMINAL_STATES:
                 return
             self.worker.forget(job_id, succeeded=state == "succeeded")
-            if self.store.get_meta(FINISHING_META_KEY) == str(job_id):
-                self.store.set_meta(FINISHING_META_KEY, None)
+            for key in (FINISHING_META_KEY, ABORT_META_KEY):
+                if self.store.get_meta(key) == str(job_id):
+                    self.store.set_meta(key, None)
         except Exception:  # the next start's sweep and recovery settle what is left
             log.exception("job %d: housekeeping after its end failed", job_id)
 
@@ -264,6 +343,27 @@ class QueueController:
         self.store.transition(running.id, "aborted", allowed_from=LIVE_STATES, error=error)
         self.publish("job.aborted", running.id, {"error": msgspec.to_builtins(error)})
         log.info("job %d aborted", running.id)
+
+    def _held_back(self, job_id: int, problem: str) -> None:
+        """A job that could not write its output because of the folder: back to its
+        place in the queue (its resume point kept), and the queue paused until a user
+        has fixed the folder and resumes."""
+        record = self.store.transition(job_id, "queued", allowed_from=LIVE_STATES)
+        self._announce_queued(record, reason="held")
+        log.error("job %d could not write its output; it is queued again", job_id)
+        self._hold(problem)
+
+    def _hold(self, reason: str) -> None:
+        """Pause the queue ("now") for a reason outside any job, said in the log, the
+        `queue.paused` event and `status` until a `resume`."""
+        try:
+            self.store.set_meta(PAUSE_REASON_META_KEY, reason)
+            self.store.set_meta(PAUSE_META_KEY, "now")
+        except StoreUnavailable as exc:  # held in memory all the same
+            log.error("the hold is not recorded: %s", exc.message)
+        self.state.pause_mode, self.pause_reason = "now", reason
+        self.publish("queue.paused", None, {"mode": "now", "reason": reason})
+        log.error("queue paused: %s; fix it, then `wangenctl resume`", reason)
 
     def _failed(self, job_id: int, error: JobError) -> None:
         self.store.transition(job_id, "failed", allowed_from=LIVE_STATES, error=error)
@@ -295,12 +395,17 @@ class QueueController:
         self.publish("job.progress", job_id, data)
 
     def _on_paused(self, job_id: int, step: int, steps: int) -> None:
-        self.store.transition(job_id, "paused", allowed_from=("running",))
+        # The hold is real whether or not the store can say so: a crash while held
+        # recovers the job the same way from `running`.
+        with _logged(StoreUnavailable, "job %d: its hold is not recorded", job_id):
+            self.store.transition(job_id, "paused", allowed_from=("running",))
         self.state.held()
         self.publish("job.paused", job_id, {"step": step, "steps": steps})
 
     def _on_resumed(self, job_id: int, step: int, steps: int) -> None:
-        self.store.transition(job_id, "running", allowed_from=("paused",))
+        # WrongState: the hold itself was never recorded, so the store says running.
+        with _logged((StoreUnavailable, WrongState), "job %d: going on, not recorded", job_id):
+            self.store.transition(job_id, "running", allowed_from=("paused",))
         self.state.resumed()
         self.publish("job.resumed", job_id, {"step": step, "steps": steps})
 
@@ -350,16 +455,19 @@ class QueueController:
                 f"pause mode must be one of {', '.join(PAUSE_MODES)}", field="$.params.mode"
             )
         running = self.state.running
+        # The store first: a write it refuses (StoreUnavailable) leaves nothing changed.
+        if mode == "now" or running is not None:
+            finishing = str(running.id) if mode == "after_current" and running else None
+            self.store.set_meta(FINISHING_META_KEY, finishing)
+        changed = self.state.pause_mode != mode
+        if changed:
+            self.store.set_meta(PAUSE_META_KEY, mode)
         if running is not None:
             if mode == "now":
                 running.control.request_pause()
             else:
                 running.control.release_pause()
-        if mode == "now" or running is not None:
-            finishing = str(running.id) if mode == "after_current" and running else None
-            self.store.set_meta(FINISHING_META_KEY, finishing)
-        if self.state.pause_mode != mode:
-            self.store.set_meta(PAUSE_META_KEY, mode)
+        if changed:
             self.state.pause_mode = mode
             self.publish("queue.paused", None, {"mode": mode})
             log.info("queue paused (%s)", mode)
@@ -371,7 +479,8 @@ class QueueController:
         if self.state.pause_mode is not None:
             self.store.set_meta(PAUSE_META_KEY, None)
             self.store.set_meta(FINISHING_META_KEY, None)
-            self.state.pause_mode = None
+            self.store.set_meta(PAUSE_REASON_META_KEY, None)
+            self.state.pause_mode, self.pause_reason = None, None
             if self.state.running is not None:
                 self.state.running.control.release_pause()
             self.publish("queue.resumed", None, {})
@@ -389,6 +498,9 @@ class QueueController:
                 raise WrongState("nothing is running")
             job_id = running.id
         if running is not None and running.id == job_id:
+            # Stored first: acknowledged, the abort must hold even if the daemon dies
+            # before the worker unwinds. A store that refuses says so, nothing done.
+            self.store.set_meta(ABORT_META_KEY, str(job_id))
             running.abort_requested = True
             running.control.request_abort()  # also wakes a held job
             log.info("job %d: abort requested", job_id)
@@ -559,6 +671,17 @@ class QueueController:
         running.requeue_requested = True
         running.control.request_suspend()
         return True
+
+
+@contextlib.contextmanager
+def _logged(
+    kind: type[Exception] | tuple[type[Exception], ...], what: str, *args: Any
+) -> Iterator[None]:
+    """Log an exception of `kind` (one line, its message) and go on."""
+    try:
+        yield
+    except kind as exc:
+        log.error(what + ": %s", *args, getattr(exc, "message", exc))
 
 
 class _LoopHooks:

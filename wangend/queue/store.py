@@ -19,13 +19,13 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import msgspec
 
-from ..errors import UnknownJob, WrongState
+from ..errors import StoreUnavailable, UnknownJob, WrongState
 from ..protocol import JOB_STATES, JobError, JobRecord, QueueCounts, ResolvedJob
 
 __all__ = ["LIVE_STATES", "SCHEMA_VERSION", "JobStore", "Recovery"]
@@ -118,6 +118,9 @@ REQUEUE_JOB = "UPDATE jobs SET state = 'queued', updated_at = ? WHERE id = ?"
 FAIL_JOB = (
     "UPDATE jobs SET state = 'failed', error = ?, finished_at = ?, updated_at = ? WHERE id = ?"
 )
+ABORT_JOB = (
+    "UPDATE jobs SET state = 'aborted', error = ?, finished_at = ?, updated_at = ? WHERE id = ?"
+)
 SELECT_META = "SELECT value FROM meta WHERE key = ?"
 UPSERT_META = (
     "INSERT INTO meta (key, value) VALUES (?, ?) "
@@ -145,6 +148,7 @@ class Recovery(msgspec.Struct, frozen=True, kw_only=True):
 
     requeued: list[int]
     failed: list[int]
+    aborted: list[int] = msgspec.field(default_factory=list)
 
 
 class JobStore:
@@ -200,16 +204,24 @@ class JobStore:
 
         IMMEDIATE takes the write lock up front, so a read-then-write inside never meets
         a concurrent writer halfway (the daemon's lock file makes that rare, not
-        impossible: an operator's sqlite3 shell).
+        impossible: an operator's sqlite3 shell). A write SQLite refuses (a full disk, a
+        locked or read-only file) raises StoreUnavailable, saying so, with nothing done.
         """
-        self._db.execute("BEGIN IMMEDIATE")
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-        self._counts = None
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:  # SQLite may have rolled back on its own
+                    self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:  # a full disk, a read-only file system
+            raise StoreUnavailable(
+                f"the queue database {self.path} cannot be written: {exc}"
+            ) from exc
+        finally:
+            self._counts = None
 
     # --- reading -----------------------------------------------------------------------
 
@@ -391,7 +403,10 @@ class JobStore:
         return ids
 
     def recover(
-        self, max_attempts: int, finished: Callable[[int], bool] = lambda job_id: False
+        self,
+        max_attempts: int,
+        finished: Callable[[int], bool] = lambda job_id: False,
+        aborting: Collection[int] = (),
     ) -> Recovery:
         """After an unclean stop: give back to the queue what the worker held.
 
@@ -401,12 +416,24 @@ class JobStore:
         job that takes the daemon down cannot bring it down forever. A job `finished`
         says wrote all its outputs before the stop is queued again whatever its count:
         its next run only returns them, and a finished job must not end `failed`.
+        A job in `aborting` had an abort acknowledged that had not landed: it ends
+        `aborted`, as the user was told it would.
         """
         requeued: list[int] = []
         failed: list[int] = []
+        aborted: list[int] = []
         now = time.time()
         with self.transaction() as db:
             for job_id, attempts in db.execute(SELECT_INTERRUPTED).fetchall():
+                if job_id in aborting:
+                    error = JobError(
+                        type="Aborted",
+                        message="aborted while running (the daemon stopped before the "
+                        "abort landed)",
+                    )
+                    db.execute(ABORT_JOB, (msgspec.json.encode(error).decode(), now, now, job_id))
+                    aborted.append(job_id)
+                    continue
                 if attempts < max_attempts or finished(job_id):
                     db.execute(REQUEUE_JOB, (now, job_id))
                     requeued.append(job_id)
@@ -419,7 +446,7 @@ class JobStore:
                 )
                 db.execute(FAIL_JOB, (msgspec.json.encode(error).decode(), now, now, job_id))
                 failed.append(job_id)
-        return Recovery(requeued=requeued, failed=failed)
+        return Recovery(requeued=requeued, failed=failed, aborted=aborted)
 
 
 def _check_id(job_id: int) -> None:

@@ -46,6 +46,7 @@ import msgspec
 
 from .. import __version__
 from ..config import ConfigError, ServerConfig
+from ..errors import StoreUnavailable
 from ..logs import set_log_level
 from ..pipelines.production import resolve_device
 from ..protocol import (
@@ -198,7 +199,10 @@ class Daemon:
         """Persist a new upper bound for event numbers: one write per SEQ_BLOCK events,
         and a restart (even after kill -9) continues above every number ever used."""
         limit = seq + SEQ_BLOCK
-        self.store.set_meta(SEQ_META_KEY, str(limit))
+        try:
+            self.store.set_meta(SEQ_META_KEY, str(limit))
+        except StoreUnavailable as exc:  # a full disk must not stop every event
+            log.error("event numbers past %d are not reserved: %s", seq, exc.message)
         return limit
 
     def _teardown(self) -> None:
@@ -402,6 +406,7 @@ class Daemon:
             running=running,
             last_seq=self.bus.last_seq,
             started_at=self.started_at,
+            pause_reason=self.controller.pause_reason if paused else None,
         )
 
     def models(self) -> ModelsResult:

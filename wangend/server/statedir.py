@@ -19,6 +19,8 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..errors import StoreUnavailable
+
 
 class StartupError(Exception):
     """The daemon cannot start; the message says why and what to do."""
@@ -124,7 +126,9 @@ def database_errors(path: Path) -> Iterator[None]:
     """sqlite3 errors while opening the queue become one clear StartupError."""
     try:
         yield
-    except sqlite3.OperationalError as exc:
+    except (sqlite3.OperationalError, StoreUnavailable) as error:
+        # The store says StoreUnavailable for a write SQLite refused; the reason is its cause.
+        exc = error.__cause__ if isinstance(error, StoreUnavailable) else error
         if "locked" in str(exc) or "busy" in str(exc):
             raise StartupError(
                 f"the queue database {path} is locked by another process ({exc}); stop "

@@ -47,6 +47,8 @@ class _GenerationRunner(_Runner, Protocol):
 
     def finished(self, job_id: int) -> bool: ...
 
+    def output_problem(self) -> str | None: ...
+
 
 class _Planner(_Resolver, Protocol):
     def plan(self, job: Any) -> dict[str, Any]: ...
@@ -84,6 +86,10 @@ class JobRouter:
 
     def finished(self, job_id: int) -> bool:
         return self.generation.finished(job_id)
+
+    def output_problem(self) -> str | None:
+        """Every job kind writes under the one output folder the generation side has."""
+        return self.generation.output_problem()
 
     def resolve(self, spec: JobSpec) -> ResolvedJob:
         if isinstance(spec, MatAnyOneSpec):
