@@ -351,6 +351,8 @@ class HumanRenderer:
         if result.paused:
             held = "after the current job" if result.pause_mode == "after_current" else "now"
             state = f"paused ({held})"
+            if result.pause_reason:  # the daemon paused it: say why, and what ends it
+                state += f": {result.pause_reason}; fix it, then `wangenctl resume`"
         else:
             state = "running"
         rows = [
