@@ -1,6 +1,8 @@
 """Faults injected into a real daemon while it works: each job that meets one fails with a
 clear error (a JobError type and one sentence, no traceback), memory is given back, the
-next job succeeds and the daemon lives on. Then the startup faults: a locked or corrupt
+next job succeeds and the daemon lives on. A fault of the output folder (gone, full,
+read-only) is not the job's: the job goes back to the queue, the queue pauses saying
+why, and after the fix a `resume` finishes it. Then the startup faults: a locked or corrupt
 queue database and a state dir owned by another process stop `wangend serve` with one
 line and a documented exit code.
 
@@ -116,6 +118,32 @@ def assert_clean_failure(event: dict[str, Any], kind: str, *words: str) -> None:
     assert "Traceback" not in error["message"] and "\n" not in error["message"]
 
 
+def run_until_held(client: WireClient, spec: dict[str, Any], during: Any) -> tuple[int, str]:
+    """Enqueue, call `during()` after the first step; the job must come back to the
+    queue ("held") with the queue paused. Returns the job and the pause's reason."""
+    client.result("subscribe", {})
+    job = client.result("enqueue", spec)["job"]
+    client.wait_event(progressed(job, 1))
+    during()
+    held = client.wait_event(
+        lambda e: e.get("job") == job and e["type"] in ("job.queued", *TERMINAL), timeout=120
+    )
+    assert held["type"] == "job.queued" and held["data"]["requeued"] == "held", held
+    paused = client.wait_event(lambda e: e["type"] == "queue.paused")
+    status = client.result("status")
+    assert status["paused"] and status["pause_reason"] == paused["data"]["reason"]
+    return job, paused["data"]["reason"]
+
+
+def resume_and_finish(client: WireClient, job: int) -> dict[str, Any]:
+    """The user fixed the folder: `resume` finishes the held job."""
+    client.result("resume")
+    outcome = client.wait_event(job_event(job, *TERMINAL), timeout=120)
+    assert outcome["type"] == "job.succeeded", outcome
+    assert client.result("status")["pause_reason"] is None
+    return outcome
+
+
 def assert_next_job_fine(daemon: DaemonProcess, client: WireClient) -> dict[str, Any]:
     """The daemon is the same process and the next job succeeds on the warm model."""
     assert daemon.proc is not None and daemon.proc.poll() is None
@@ -141,10 +169,13 @@ def test_output_dir_replaced_by_a_file_mid_run(faulty: DaemonProcess) -> None:
 
     try:
         with faulty.unix() as client:
-            failed = run_job(client, {"prompt": "no dir", "steps": 20}, break_output_dir)
-            assert_clean_failure(failed, "OutputWriteFailed", str(out))
+            job, reason = run_until_held(
+                client, {"prompt": "no dir", "steps": 20}, break_output_dir
+            )
+            assert f"the output folder {out} cannot be written" in reason
             out.unlink()
             moved.rename(out)
+            resume_and_finish(client, job)
             assert_next_job_fine(faulty, client)
     finally:
         if moved.exists():
@@ -183,9 +214,11 @@ def test_disk_full_mid_run(faulty: DaemonProcess, tmpfs_output: Path) -> None:
                 pass  # ENOSPC: the disk is full
 
     with faulty.unix() as client:
-        failed = run_job(client, {"prompt": "disk full", "steps": 20}, fill_disk)
-        assert_clean_failure(failed, "OutputWriteFailed", "No space left on device")
+        job, reason = run_until_held(client, {"prompt": "disk full", "steps": 20}, fill_disk)
+        assert f"the output folder {tmpfs_output} is nearly full" in reason
         filler.unlink()
+        done = resume_and_finish(client, job)
+        assert Path(done["data"]["outputs"][0]).parent == tmpfs_output
         outcome = assert_next_job_fine(faulty, client)
         assert Path(outcome["data"]["outputs"][0]).parent == tmpfs_output
 
@@ -197,9 +230,12 @@ def test_output_filesystem_turns_read_only_mid_run(
         assert _mount("-o", "remount,ro", str(tmpfs_output)).returncode == 0
 
     with faulty.unix() as client:
-        failed = run_job(client, {"prompt": "read only", "steps": 20}, remount_read_only)
-        assert_clean_failure(failed, "OutputWriteFailed", "Read-only file system")
+        job, reason = run_until_held(
+            client, {"prompt": "read only", "steps": 20}, remount_read_only
+        )
+        assert "cannot be written: Read-only file system" in reason
         assert _mount("-o", "remount,rw", str(tmpfs_output)).returncode == 0
+        resume_and_finish(client, job)
         assert_next_job_fine(faulty, client)
 
 
@@ -236,8 +272,10 @@ def test_a_corrupt_model_folder_is_named_and_the_next_job_is_fine(
         refused = client.call("enqueue", {"prompt": "gutted", "model": "gutted", "steps": 2})
         assert refused["error"]["code"] == -32004, refused  # ModelUnavailable, at once
         assert "transformer/*.safetensors" in refused["error"]["message"]
-        failed = run_job(client, {"prompt": "truncated", "model": "truncated", "steps": 2})
-        assert_clean_failure(failed, "ModelUnavailable", "truncated", "could not be loaded")
+        cut = client.call("enqueue", {"prompt": "truncated", "model": "truncated", "steps": 2})
+        assert cut["error"]["code"] == -32004, cut  # its header says more than is there
+        assert "truncated has damaged weights" in cut["error"]["message"]
+        assert "cut short" in cut["error"]["message"]
         outcome = run_job(client, {"prompt": "after the fault", "steps": 3})
         assert outcome["type"] == "job.succeeded", outcome
         assert client.result("status")["model"] == "tiny"

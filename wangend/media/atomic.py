@@ -54,7 +54,8 @@ __all__ = [
 log = logging.getLogger("wangend.media")
 
 # Less free space than this in the output folder holds the queue: a 720p video is a few
-# MB, and a disk this full is one a finished render would fail on.
+# MB, and a disk this full is one a finished render would fail on. A file system smaller
+# than ten times this (a small tmpfs, a quota'd share) needs a tenth of its size free.
 MIN_FREE_BYTES = 64 << 20
 
 T = TypeVar("T")
@@ -232,7 +233,8 @@ def fsync_dir(folder: Path) -> None:
 def folder_problem(folder: Path | str, min_free: int = MIN_FREE_BYTES) -> str | None:
     """Why outputs cannot be written into `folder` now, in words, or None: it cannot be
     made, a file cannot be created in it (read-only, no permission), or less than
-    `min_free` bytes are free. A probe file is created and removed; nothing else."""
+    `min_free` bytes (or a tenth of a smaller file system) are free. A probe file is
+    created and removed; nothing else."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -244,9 +246,10 @@ def folder_problem(folder: Path | str, min_free: int = MIN_FREE_BYTES) -> str | 
     except OSError as exc:
         return f"the output folder {folder} cannot be written: {_reason(exc)}"
     free = stats.f_bavail * stats.f_frsize
-    if free < min_free:
+    needed = min(min_free, stats.f_blocks * stats.f_frsize // 10)
+    if free < needed:
         return (
-            f"the output folder {folder} is nearly full: {free >> 20} MB free, "
-            f"{min_free >> 20} MB needed to start a job"
+            f"the output folder {folder} is nearly full: {free >> 10} KB free, "
+            f"{needed >> 10} KB needed to start a job"
         )
     return None
