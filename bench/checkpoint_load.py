@@ -8,7 +8,8 @@ the load's own); the time includes reading every parameter once, since safetenso
 maps a file and reads it lazily:
 
 * folder: `WanTransformer3DModel.from_pretrained(folder, torch_dtype=bf16)`, what a
-  plain model does;
+  plain model does, and "folder-copy": then `mappings.copy_mapped_tensors`, what
+  wangend adds on a CPU device or an offload profile (no tensor left mapping its file);
 * wangend: `checkpoints.load_transformer` (renaming, the from_pretrained dtype rule),
   as on a GPU with memory profile "none" (the model leaves the file's memory map when it
   moves to the device), and "wangend-copy", as on a CPU device or an offload profile
@@ -71,10 +72,13 @@ def load(way: str) -> dict[str, float]:
     from diffusers import WanTransformer3DModel
 
     from wangend.pipelines.checkpoints import load_transformer
+    from wangend.pipelines.mappings import copy_mapped_tensors
 
     started = time.perf_counter()
-    if way == "folder":
+    if way in ("folder", "folder-copy"):
         model = WanTransformer3DModel.from_pretrained(FOLDER, torch_dtype=torch.bfloat16)
+        if way == "folder-copy":
+            copy_mapped_tensors([model])
     elif way in ("wangend", "wangend-copy"):
         copy = way == "wangend-copy"  # what a CPU device or an offload profile loads
         model = load_transformer(WanTransformer3DModel, FILE, FOLDER, torch.bfloat16, copy=copy)
@@ -128,7 +132,8 @@ def sparse_14b(path: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--one", choices=("folder", "wangend", "wangend-copy", "from_single_file"))
+    ways = ("folder", "folder-copy", "wangend", "wangend-copy", "from_single_file")
+    parser.add_argument("--one", choices=ways)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(load(args.one)))
@@ -140,7 +145,7 @@ def main() -> None:
     print(f"1.3B random transformer, bf16: {FILE.stat().st_size / 1e9:.2f} GB file")
     results: dict[str, list[dict]] = {}
     for _ in range(args.repeat):  # interleaved, each in a fresh process
-        for way in ("folder", "wangend", "wangend-copy", "from_single_file"):
+        for way in ways:
             out = subprocess.run(
                 [sys.executable, __file__, "--one", way], capture_output=True, text=True, check=True
             )
