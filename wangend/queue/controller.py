@@ -208,7 +208,7 @@ class QueueController:
         task_status.started()
         while not self._stopping:
             record = self._next()
-            problem = self.worker.output_problem() if record is not None else None
+            problem = await self._output_problem() if record is not None else None
             if problem is not None:
                 self._hold(problem)  # paused now: _next() gives nothing until resumed
                 continue
@@ -259,7 +259,9 @@ class QueueController:
             except JobAborted:
                 outcome = functools.partial(self._unwound, running)
             except JobFailure as exc:
-                problem = self.worker.output_problem() if exc.kind == "OutputWriteFailed" else None
+                problem = None
+                if exc.kind == "OutputWriteFailed":
+                    problem = await self._output_problem()
                 if problem is not None:  # the folder, not the job: it waits for the fix
                     outcome = functools.partial(self._held_back, record.id, problem)
                 else:
@@ -278,6 +280,10 @@ class QueueController:
                 self._after(record.id)
             finally:
                 done_event.set()  # a stop waits on it, whatever happened above
+
+    async def _output_problem(self) -> str | None:
+        """The worker's answer, off the loop: a hung network share must not stall RPC."""
+        return await anyio.to_thread.run_sync(self.worker.output_problem)
 
     async def _settle(self, job_id: int, record_outcome: Callable[[], None]) -> None:
         """Record a run's outcome. While the store refuses the write (a full disk) the
