@@ -78,6 +78,8 @@ def test_undecodable_input_and_mask(media: dict[str, Path], tmp_path: Path) -> N
     with pytest.raises(InvalidParams, match="cannot be decoded") as info:
         resolve(input=str(junk), mask=str(media["mask"]))
     assert info.value.field == "$.params.input"
+    assert "[Errno" not in info.value.message  # FFmpeg's words, not PyAV's errno
+    assert info.value.message.count(str(junk)) == 1
     bad_png = tmp_path / "bad.png"
     bad_png.write_bytes(b"PNG? no")
     with pytest.raises(InvalidParams, match="cannot be decoded") as info:

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..config import MatAnyOneConfig
 from ..errors import InvalidParams
-from ..media.access import InputAccess, sha256_file
+from ..media.access import InputAccess, readable_message, sha256_file
 from ..media.naming import check_output_name
 from ..protocol import MatAnyOneSpec, ResolvedMatAnyOne
 
@@ -119,12 +119,14 @@ class MattingInputs:
         try:
             frames, width, height, fps = probe_media(source)
         except Exception as exc:
-            raise InvalidParams(f"input cannot be decoded as a video or image: {source} ({exc})",
+            why = readable_message(str(exc), source)
+            raise InvalidParams(f"input cannot be decoded as a video or image: {source} ({why})",
                                 field="$.params.input") from None  # fmt: skip
         try:
             mask = load_mask(mask_path)
         except Exception as exc:
-            raise InvalidParams(f"mask cannot be decoded as an image: {mask_path} ({exc})",
+            why = readable_message(str(exc), mask_path)
+            raise InvalidParams(f"mask cannot be decoded as an image: {mask_path} ({why})",
                                 field="$.params.mask") from None  # fmt: skip
         if not (mask >= 0.5).any():
             raise InvalidParams("mask is empty: no pixel is foreground (>= 50% white)",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import stat
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,7 +28,22 @@ from typing import BinaryIO
 
 from ..errors import InvalidParams
 
-__all__ = ["InputAccess", "describe_mode", "is_regular", "open_regular", "sha256_file"]
+__all__ = [
+    "InputAccess",
+    "describe_mode",
+    "is_regular",
+    "open_regular",
+    "readable_message",
+    "sha256_file",
+]
+
+_ERRNO = re.compile(r"\[Errno -?\d+\] ")  # what PyAV puts in front of FFmpeg's words
+
+
+def readable_message(message: str, path: Path) -> str:
+    """A media error as people read it: without the `[Errno 1094995529]` PyAV puts in
+    front of FFmpeg's words, and without the path said a second time."""
+    return _ERRNO.sub("", message).replace(f": '{path}'", "")
 
 
 def describe_mode(mode: int) -> str:

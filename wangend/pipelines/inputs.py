@@ -23,14 +23,13 @@ and no template can name a path outside the output folder.
 
 from __future__ import annotations
 
-import re
 import secrets
 from pathlib import Path
 
 from ..adapters.requests import AdapterChoice, AdapterRequests
 from ..config import EngineConfig
 from ..errors import InvalidParams
-from ..media.access import InputAccess
+from ..media.access import InputAccess, readable_message
 from ..media.naming import (
     DEFAULT_OUTPUT_NAME,
     OUTPUT_NAME_FIELDS,
@@ -50,7 +49,6 @@ __all__ = [
     "render_output_name",
 ]
 
-_ERRNO = re.compile(r"\[Errno -?\d+\] ")  # what PyAV puts in front of FFmpeg's words
 SEED_BITS = 32  # random seeds stay short enough to type back in
 DEFAULT_STRENGTH = 0.8  # video-to-video: how much of the source is renoised
 # What each media field may be: a VACE mask is a video or one image.
@@ -128,7 +126,7 @@ class TaskInputManager:
             try:
                 _probe_audio(path)
             except MediaError as exc:
-                message = f"audio: {_readable(str(exc), path)}"
+                message = f"audio: {readable_message(str(exc), path)}"
                 raise InvalidParams(message, field="$.params.audio") from None
             hashes["audio"] = sha256_file(path)
             audio = str(path)
@@ -252,7 +250,7 @@ class TaskInputManager:
             try:
                 info = probe(path, allow=MEDIA_KINDS[field])
             except MediaError as exc:
-                message = f"{key}: {_readable(str(exc), path)}"
+                message = f"{key}: {readable_message(str(exc), path)}"
                 raise InvalidParams(message, field=f"$.params.{key}") from None
             hashes[key] = sha256_file(path)
             infos[key] = info
@@ -282,12 +280,6 @@ def _probe_audio(path: Path) -> None:
     except (av.FFmpegError, OSError, ValueError) as exc:
         why = getattr(exc, "strerror", None) or str(exc)
         raise MediaError(f"{path} is not a readable audio file or video ({why})") from None
-
-
-def _readable(message: str, path: Path) -> str:
-    """A media error as people read it: without the `[Errno 1094995529]` PyAV puts in
-    front of FFmpeg's words, and without the path said a second time."""
-    return _ERRNO.sub("", message).replace(f": '{path}'", "")
 
 
 def _pick(value, default):
