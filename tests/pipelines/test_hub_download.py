@@ -209,3 +209,22 @@ def test_a_file_model_on_a_hub_base_downloads_all_but_the_transformer(
         base, msgspec.structs.replace(job, model="tiny", files={}), JobControl(), RecordingHooks()
     )
     assert np.array_equal(frames, expected)
+
+
+def test_a_cached_model_with_a_blob_gone_names_what_it_lacks_offline(
+    hub: FakeHub, tmp_path
+) -> None:
+    """A cache cleaned by hand (a blob deleted, its snapshot link left dangling): with
+    downloads off the job says which file, not only that the cache is incomplete."""
+    registry = ModelRegistry(tmp_path / "models")
+    record = registry.resolve(REPO)
+    ProductionManager(registry, device="cpu", allow_download=True).ensure(
+        record, "float32", RecordingHooks()
+    )
+    cache = tmp_path / "hf" / "hub" / ("models--" + REPO.replace("/", "--"))
+    [link] = (cache / "snapshots").glob("*/transformer/diffusion_pytorch_model.safetensors")
+    link.resolve().unlink()  # the blob goes; the link stays
+    offline = ProductionManager(registry, device="cpu", allow_download=False)
+    with pytest.raises(JobFailure) as caught:
+        offline.ensure(record, "float32", RecordingHooks())
+    assert "downloading is switched off: it lacks transformer/" in caught.value.message

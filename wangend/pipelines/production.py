@@ -57,7 +57,7 @@ from .acceleration import (
 )
 from .checkpoints import CheckpointProblem, check_file, load_transformer
 from .control import JobAborted, RunHooks
-from .folders import damaged_weights, listed_components, read_json
+from .folders import damaged_weights, listed_components, read_json, snapshot_folder
 from .hub import download_snapshot
 from .mappings import copy_mapped_tensors
 from .registry import ModelRecord, ModelRegistry, check_folder
@@ -369,11 +369,12 @@ class ProductionManager:
             problem: Exception = FileNotFoundError(", ".join(missing))
         except Exception as exc:
             problem = exc
+        lacking = _cache_lacks(record.source, replaced)  # a partial download, a dangling link
         if not self.downloads_allowed():
             raise JobFailure(
                 "ModelUnavailable",
                 f"model {record.name} ({record.source}) is not complete in the local Hugging "
-                "Face cache and downloading is switched off",
+                f"Face cache and downloading is switched off{lacking}",
             ) from problem
         try:
             folder = download_snapshot(
@@ -499,6 +500,20 @@ class ProductionManager:
             ) from exc
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+def _cache_lacks(repo_id: str, replaced: Mapping[str, str]) -> str:
+    """What the cached snapshot of `repo_id` lacks, as ": it lacks ...", or "" when
+    there is no snapshot to look at. diffusers' own offline check only says that
+    something is missing; a user who cleaned the cache by hand wants to know what."""
+    from huggingface_hub import constants
+
+    root = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+    folder, problem = snapshot_folder(root)  # what refs/main names
+    if problem or not (folder / "model_index.json").is_file():
+        return ""
+    missing = check_folder(folder, replaced)[1]
+    return f": it lacks {', '.join(missing)}" if missing else ""
 
 
 def _load_component(
