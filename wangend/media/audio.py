@@ -47,8 +47,10 @@ import functools
 import os
 import secrets
 from collections import deque
+from collections.abc import Mapping
 from fractions import Fraction
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 import msgspec
@@ -67,13 +69,14 @@ COPY_CODECS: dict[str, frozenset[str] | None] = {
     "mp4": frozenset({"aac", "mp3", "alac", "ac3", "eac3"}),
     "mkv": None,  # Matroska takes any codec
 }
-ENCODER_FORMATS = {"aac": "fltp", "flac": "s16"}
+ENCODER_FORMATS: Mapping[str, str] = MappingProxyType({"aac": "fltp", "flac": "s16"})
 AAC_BIT_RATE_PER_CHANNEL = 96_000
 PREROLL_SECONDS = 0.1  # copied before a cut inside the source: the decoder's run-up
 PREROLL_PACKETS = 2
 EDGE = 0.001  # seconds: Matroska's timestamps are milliseconds
-DEFAULT_LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "4.0", 5: "5.0", 6: "5.1",
-                   7: "6.1", 8: "7.1"}  # fmt: skip
+DEFAULT_LAYOUTS: Mapping[int, str] = MappingProxyType(
+    {1: "mono", 2: "stereo", 3: "2.1", 4: "4.0", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
+)
 Mode = Literal["copy", "aac", "flac"]
 
 
