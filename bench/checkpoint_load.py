@@ -13,7 +13,7 @@ maps a file and reads it lazily:
 * wangend: `checkpoints.load_transformer` (renaming, the from_pretrained dtype rule),
   as on a GPU with memory profile "none" (the model leaves the file's memory map when it
   moves to the device), and "wangend-copy", as on a CPU device or an offload profile
-  (every tensor copied, so rewriting the file cannot touch the model);
+  (every still-mapped tensor copied out, so rewriting the file cannot touch the model);
 * from_single_file: diffusers' own loader, for reference (it casts the float32-kept
   modules to bf16 too, so its result differs).
 
@@ -80,8 +80,9 @@ def load(way: str) -> dict[str, float]:
         if way == "folder-copy":
             copy_mapped_tensors([model])
     elif way in ("wangend", "wangend-copy"):
-        copy = way == "wangend-copy"  # what a CPU device or an offload profile loads
-        model = load_transformer(WanTransformer3DModel, FILE, FOLDER, torch.bfloat16, copy=copy)
+        model = load_transformer(WanTransformer3DModel, FILE, FOLDER, torch.bfloat16)
+        if way == "wangend-copy":  # what a CPU device or an offload profile loads
+            copy_mapped_tensors([model])
     else:
         model = WanTransformer3DModel.from_single_file(
             str(FILE), config=str(FOLDER), local_files_only=True, torch_dtype=torch.bfloat16

@@ -301,12 +301,12 @@ def test_a_file_rewritten_or_replaced_under_its_name_is_another_model(
     """The loaded weights are copies: rewriting the file in place changes nothing warm
     (nor kills the daemon). Replacing it under the same name reads as another file, so
     the next job loads it instead of running the old weights warm."""
-    from diffusers import WanTransformer3DModel
-
     path = tmp_path / "wan.safetensors"
     path.write_bytes(files["comfy"].read_bytes())
-    folder = family_models / "tiny" / "transformer"
-    model = load_transformer(WanTransformer3DModel, path, folder, torch.float32)
+    registry = registry_with(family_models, mine=ModelFiles(base="tiny", transformer=str(path)))
+    production = ProductionManager(registry, device="cpu", allow_download=False)
+    first = production.ensure(registry.resolve("mine"), "float32", RecordingHooks())
+    model = first.transformer
     before = {k: v.clone() for k, v in model.state_dict().items()}
     path.write_bytes(files["comfy"].read_bytes()[:4096])  # rewritten in place, cut short
     after = model.state_dict()
@@ -314,9 +314,8 @@ def test_a_file_rewritten_or_replaced_under_its_name_is_another_model(
 
     path.unlink()
     path.write_bytes(files["comfy"].read_bytes())
-    registry = registry_with(family_models, mine=ModelFiles(base="tiny", transformer=str(path)))
-    production = ProductionManager(registry, device="cpu", allow_download=False)
-    first = production.ensure(registry.resolve("mine"), "float32", RecordingHooks())
+    assert production.ensure(registry.resolve("mine"), "float32", RecordingHooks()) is not first
+    first = production.pipeline
     replacement = tmp_path / "new.safetensors"
     replacement.write_bytes(files["bf16"].read_bytes())
     os.replace(replacement, path)

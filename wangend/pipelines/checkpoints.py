@@ -210,20 +210,16 @@ def check_fits(found: TransformerFile, config: Mapping[str, Any], base: str) -> 
         )
 
 
-def load_transformer(
-    cls: Any, path: Path, config_folder: Path, dtype: Any, copy: bool = True
-) -> Any:
+def load_transformer(cls: Any, path: Path, config_folder: Path, dtype: Any) -> Any:
     """A `cls` transformer (WanTransformer3DModel, WanVACETransformer3DModel) configured
     from `config_folder/config.json`, holding the tensors of the single file `path` in
     `dtype` (float32 for the modules the class keeps so). The caller has inspected the
     file (`check_file`); tensors it lacks or does not know are
     refused here.
 
-    `copy`: never keep a tensor that maps the file. Needed where the weights stay on
-    the host (a CPU device, offload profiles), so rewriting the file cannot change the
-    model or kill the process (SIGBUS); a model moved to the GPU right away can skip it
-    (measured: x3 load time and twice the resident memory while loading;
-    docs/benchmarks.md)."""
+    Tensors whose dtype needs no cast still map the file, as a folder's do after
+    from_pretrained: where the weights stay on the host, the loader copies every
+    mapped tensor out afterwards, the same way for both (mappings.py)."""
     import torch
     from accelerate import init_empty_weights
     from safetensors import safe_open
@@ -256,6 +252,6 @@ def load_transformer(
         if value.is_floating_point():
             kept = any(name in key.split(".") for name in keep)
             target = torch.float32 if kept else dtype
-        tensors[key] = value.to(target, copy=copy)
+        tensors[key] = value.to(target)
     model.load_state_dict(tensors, strict=True, assign=True)
     return model.eval()

@@ -458,9 +458,8 @@ class ProductionManager:
                     if part in files:
                         cls = getattr(importlib.import_module(library), cls_name)
                         components[part] = load_transformer(
-                            cls, Path(files[part]), folder / part, dtype,
-                            copy=self._device == "cpu" or options.memory_profile != "none",
-                        )  # fmt: skip
+                            cls, Path(files[part]), folder / part, dtype
+                        )
                     else:
                         components[part] = _load_component(
                             folder, part, library, cls_name, dtype, variant=variant
